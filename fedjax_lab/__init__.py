@@ -1,0 +1,43 @@
+"""fedjax_lab: federated learning on JAX, a round (and many rounds) as one XLA program.
+
+>>> import fedjax_lab as fl
+>>> sorted(fl.algorithms.REGISTRY)[:3]
+['fedadagrad', 'fedadam', 'fedavg']
+"""
+
+from fedjax_lab import aggregators, algorithms, client, data, maps, server, tree
+from fedjax_lab._types import (
+    Aggregator,
+    ClientInput,
+    ClientMap,
+    ClientOutput,
+    Cohort,
+    FederatedAlgorithm,
+    ServerState,
+)
+from fedjax_lab.data import FederatedData, datasets, partition
+from fedjax_lab.rounds import run_round, run_rounds
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aggregator",
+    "ClientInput",
+    "ClientMap",
+    "ClientOutput",
+    "Cohort",
+    "FederatedAlgorithm",
+    "FederatedData",
+    "ServerState",
+    "aggregators",
+    "algorithms",
+    "client",
+    "data",
+    "datasets",
+    "maps",
+    "partition",
+    "run_round",
+    "run_rounds",
+    "server",
+    "tree",
+]

@@ -1,0 +1,154 @@
+"""The few types the whole library is built from.
+
+Every one is a ``NamedTuple``: a pytree that ``jit``, ``vmap`` and ``lax.scan`` carry as they are,
+and an interface that is a bundle of pure functions built by a factory (the optax pattern).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+PyTree = Any
+Params = PyTree
+PRNGKey = jax.Array
+Batch = dict[str, jax.Array]
+LossFn = Callable[[Params, Batch, PRNGKey], jax.Array]
+"""``loss_fn(params, batch, key) -> scalar``: the MEAN loss over the batch's unmasked examples.
+
+``batch`` is a dict of arrays with a leading batch axis ``[B, ...]`` and always carries
+``batch["mask"]`` (``f32[B]``, 1 for a real example, 0 for padding).
+"""
+
+
+class Cohort(NamedTuple):
+    """The data handed to one round.
+
+    Attributes:
+      batches: dict of arrays with leading axes ``[C clients, S steps, B batch]``;
+        ``batches["mask"]`` (``f32[C, S, B]``) is 1 for a real example and 0 for padding.
+      weights: ``f32[C]`` aggregation weight of each client (by default the number of examples
+        it holds). A client of weight 0 takes no part in the aggregate.
+      client_ids: ``i32[C]`` the clients' indices in the population (gathers per-client state).
+    """
+
+    batches: Batch
+    weights: jax.Array
+    client_ids: jax.Array
+
+
+class ClientInput(NamedTuple):
+    """What one client function sees of its cohort: one slice of a :class:`Cohort`.
+
+    Attributes:
+      batches: dict of arrays ``[S, B, ...]`` with ``batches["mask"]`` ``f32[S, B]``.
+      weight: scalar aggregation weight from the cohort.
+      client_id: scalar index of the client in the population.
+      state: this client's per-client state (``()`` for algorithms without any).
+    """
+
+    batches: Batch
+    weight: jax.Array
+    client_id: jax.Array
+    state: PyTree
+
+
+class ClientOutput(NamedTuple):
+    """What one client sends back.
+
+    Attributes:
+      update: the model delta ``server_params - client_params`` (same tree as the params).
+      weight: scalar aggregation weight (0 drops the client from the aggregate).
+      metrics: dict of scalar SUMS over the client's real examples (``loss_sum``,
+        ``num_examples``, ...); the round adds them over the cohort.
+      state: the client's new per-client state (``()`` when the algorithm keeps none).
+    """
+
+    update: PyTree
+    weight: jax.Array
+    metrics: dict[str, jax.Array]
+    state: PyTree = ()
+
+
+class ServerState(NamedTuple):
+    """Everything the server carries from one round to the next; a pytree.
+
+    Attributes:
+      params: the global model parameters.
+      opt_state: the server optimiser's state (an optax state).
+      round: ``i32`` scalar, the number of rounds applied so far. Every random choice of round
+        ``r`` comes from ``jax.random.fold_in(key, r)``, so a resumed run repeats exactly.
+      aggregator_state: the aggregator's state (``()`` for stateless aggregators).
+      client_states: per-client state stacked over the whole population
+        (``[num_clients, ...]`` leaves), or ``()`` when the algorithm keeps none.
+      extra: algorithm-specific server state (``()`` when there is none).
+    """
+
+    params: Params
+    opt_state: PyTree
+    round: jax.Array
+    aggregator_state: PyTree = ()
+    client_states: PyTree = ()
+    extra: PyTree = ()
+
+
+class Aggregator(NamedTuple):
+    """Turns the cohort's client outputs into one update, in two halves.
+
+    ``prepare`` runs inside the client map, once per client; what it returns is either SUMMED
+    over the cohort (``reduce="sum"``: streaming, the cohort never has to be stacked, and
+    across devices it is a ``psum``) or STACKED ``[C, ...]`` (``reduce="stack"``: robust rules
+    that need every update at once). ``finalize`` turns that into the aggregate.
+
+    Attributes:
+      init: ``init(params) -> state``.
+      prepare: ``prepare(update, weight, state) -> contribution`` for one client.
+      finalize: ``finalize(contributions, state, key) -> (aggregate, total_weight, state)``;
+        ``total_weight`` of 0 means no client counted and the round is skipped.
+      reduce: ``"sum"`` or ``"stack"``.
+    """
+
+    init: Callable[[Params], PyTree]
+    prepare: Callable[[PyTree, jax.Array, PyTree], PyTree]
+    finalize: Callable[[PyTree, PyTree, PRNGKey], tuple[PyTree, jax.Array, PyTree]]
+    reduce: str = "sum"
+
+
+class FederatedAlgorithm(NamedTuple):
+    """An algorithm: a bundle of pure functions, composed by :func:`fedjax_lab.run_round`.
+
+    Attributes:
+      init: ``init(params, num_clients=None) -> ServerState``. ``num_clients`` is needed only by
+        algorithms with per-client state.
+      client_update: ``client_update(server_state, client: ClientInput, key) -> ClientOutput``,
+        written for ONE client; a client map makes the cohort.
+      aggregator: how client outputs become one update (:class:`Aggregator`).
+      server_update: ``server_update(server_state, aggregate, key) -> ServerState``: applies
+        the aggregate (the pseudo-gradient for FedOpt) to the server state.
+      name: a short human-readable name.
+    """
+
+    init: Callable[..., ServerState]
+    client_update: Callable[[ServerState, ClientInput, PRNGKey], ClientOutput]
+    aggregator: Aggregator
+    server_update: Callable[[ServerState, PyTree, PRNGKey], ServerState]
+    name: str = "federated_algorithm"
+
+
+class ClientMap(NamedTuple):
+    """Maps ONE client function over a cohort and reduces what it returns.
+
+    ``apply(fn, shared, xs) -> (summed, stacked)``: ``fn(shared, x) -> (to_sum, to_stack)`` is
+    called for every client slice ``x`` of ``xs`` (leading axis ``C``); ``to_sum`` is added
+    over the clients, ``to_stack`` comes back stacked ``[C, ...]``. ``shared`` is the same
+    for every client (the server state).
+
+    Attributes:
+      apply: the mapping function.
+      name: what the map does, e.g. ``"chunked(64)"``.
+    """
+
+    apply: Callable[[Callable, PyTree, PyTree], tuple[PyTree, PyTree]]
+    name: str

@@ -1,0 +1,446 @@
+"""Rounds: one round is one jitted XLA program; many rounds are one ``lax.scan``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_lab import maps as maps_lib
+from fedjax_lab import tree as tree_lib
+from fedjax_lab._types import (
+    ClientInput,
+    ClientMap,
+    Cohort,
+    FederatedAlgorithm,
+    PRNGKey,
+    PyTree,
+    ServerState,
+)
+from fedjax_lab.data import sampling
+from fedjax_lab.data._federated import FederatedData
+
+__all__ = ["run_round", "run_rounds"]
+
+EvalFn = Callable[[PyTree, dict[str, jax.Array]], dict[str, jax.Array]]
+
+
+def _round_body(
+    alg: FederatedAlgorithm,
+    client_map: ClientMap,
+    state: ServerState,
+    cohort: Cohort,
+    key: PRNGKey,
+) -> tuple[ServerState, dict[str, jax.Array]]:
+    """One round, traced: clients (mapped), aggregation, server update, safety checks."""
+    _check_state_matches(alg, state)  # at trace time: once per compile, before XLA runs
+    round_key = jax.random.fold_in(key, state.round)
+    k_clients, k_agg, k_server = jax.random.split(round_key, 3)
+    c = cohort.weights.shape[0]
+    client_keys = jax.random.split(k_clients, c)
+    has_client_state = bool(jax.tree.leaves(state.client_states))
+    cohort_states = (
+        jax.tree.map(lambda a: a[cohort.client_ids], state.client_states)
+        if has_client_state
+        else ()
+    )
+    stack = alg.aggregator.reduce == "stack"
+
+    def one_client(shared, x):
+        server_state, agg_state = shared
+        batches, weight, client_id, client_state, ckey = x
+        out = alg.client_update(
+            server_state, ClientInput(batches, weight, client_id, client_state), ckey
+        )
+        finite = tree_lib.all_finite(out.update)
+        weight = jnp.where(finite, jnp.asarray(out.weight, jnp.float32), 0.0)
+        update = optax.tree.where(finite, out.update, optax.tree.zeros_like(out.update))
+        contribution = alg.aggregator.prepare(update, weight, agg_state)
+        metrics = {k: jnp.where(finite, v, 0.0) for k, v in out.metrics.items()}
+        metrics["dropped_clients"] = 1.0 - finite.astype(jnp.float32)
+        new_state = optax.tree.where(finite, out.state, client_state) if has_client_state else ()
+        to_sum = ((), metrics) if stack else (contribution, metrics)
+        to_stack = (contribution if stack else (), new_state)
+        return to_sum, to_stack
+
+    xs = (cohort.batches, cohort.weights, cohort.client_ids, cohort_states, client_keys)
+    shared = (state, state.aggregator_state)
+    (summed, metrics), (stacked, new_cohort_states) = client_map.apply(one_client, shared, xs)
+    contributions = stacked if stack else summed
+    aggregate, total_weight, agg_state = alg.aggregator.finalize(
+        contributions, state.aggregator_state, k_agg
+    )
+    new_state = alg.server_update(state, aggregate, k_server)
+    new_state = new_state._replace(aggregator_state=agg_state)
+    if has_client_state:
+        new_state = new_state._replace(
+            client_states=jax.tree.map(
+                lambda a, s: a.at[cohort.client_ids].set(s),
+                state.client_states,
+                new_cohort_states,
+            )
+        )
+    # A round in which no client counted, or whose result is not finite, changes nothing.
+    applied = (total_weight > 0) & tree_lib.all_finite(new_state.params)
+    new_state = optax.tree.where(applied, new_state, state)
+    new_state = new_state._replace(round=state.round + 1)
+
+    num_examples = metrics.get("num_examples", jnp.zeros(()))
+    out = dict(metrics)
+    if "loss_sum" in metrics:
+        out["train_loss"] = metrics["loss_sum"] / jnp.maximum(num_examples, 1.0)
+    out["total_weight"] = total_weight
+    out["round_skipped"] = 1.0 - applied.astype(jnp.float32)
+    out["update_norm"] = tree_lib.global_norm(aggregate) * applied
+    return new_state, out
+
+
+@functools.partial(jax.jit, static_argnames=("alg", "client_map"))
+def _run_round_jit(alg, client_map, state, cohort, key):
+    return _round_body(alg, client_map, state, cohort, key)
+
+
+def _check_algorithm(alg: Any) -> None:
+    if not isinstance(alg, FederatedAlgorithm):
+        raise TypeError(
+            f"alg: expected a fl.FederatedAlgorithm (e.g. fl.algorithms.fed_avg(loss_fn)), "
+            f"got {type(alg).__name__}."
+        )
+
+
+def _check_state(state: Any) -> None:
+    if not isinstance(state, ServerState):
+        raise TypeError(
+            f"state: expected the fl.ServerState returned by alg.init(params), "
+            f"got {type(state).__name__}."
+        )
+
+
+def _check_state_matches(alg: FederatedAlgorithm, state: ServerState) -> None:
+    """The state must be what ``alg.init(state.params)`` builds (same trees, shapes, dtypes)."""
+    expected = jax.eval_shape(alg.init, state.params)
+    for field in ("opt_state", "aggregator_state"):
+        problem = tree_lib.structure_mismatch(getattr(expected, field), getattr(state, field))
+        if problem:
+            raise ValueError(
+                f"state: its {field} does not fit this algorithm and these params ({problem}); "
+                "build the state with alg.init(params) of the same algorithm."
+            )
+
+
+def _check_key(key: Any) -> None:
+    ok = isinstance(key, jax.Array) and (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == jnp.uint32 and key.shape == (2,))
+    )
+    if not ok:
+        raise TypeError(f"key: expected a PRNG key such as jax.random.key(0), got {key!r}.")
+
+
+def _resolve_map(client_map: ClientMap | None) -> ClientMap:
+    if client_map is None:
+        return maps_lib.auto()
+    if not isinstance(client_map, ClientMap):
+        raise TypeError(
+            f"client_map: expected a fl.ClientMap such as fl.maps.auto(), "
+            f"got {type(client_map).__name__}."
+        )
+    return client_map
+
+
+def _check_cohort(cohort: Any) -> None:
+    if not isinstance(cohort, Cohort):
+        raise TypeError(f"cohort: expected a fl.Cohort, got {type(cohort).__name__}.")
+    if "mask" not in cohort.batches:
+        raise ValueError('cohort: batches["mask"] (f32[C, S, B], 1 = real example) is missing.')
+    mask_shape = np.shape(cohort.batches["mask"])
+    if len(mask_shape) != 3:
+        raise ValueError(
+            f'cohort: batches["mask"] must have shape [C clients, S steps, B batch], '
+            f"got {mask_shape}."
+        )
+    for name, v in cohort.batches.items():
+        if np.shape(v)[:3] != mask_shape:
+            raise ValueError(
+                f"cohort: batches[{name!r}] has leading axes {np.shape(v)[:3]}, but the mask has "
+                f"{mask_shape}; every array needs the same [C, S, B] leading axes."
+            )
+    c = mask_shape[0]
+    if np.shape(cohort.weights) != (c,) or np.shape(cohort.client_ids) != (c,):
+        raise ValueError(
+            f"cohort: weights and client_ids need shape ({c},) (one per client); got "
+            f"{np.shape(cohort.weights)} and {np.shape(cohort.client_ids)}."
+        )
+
+
+def run_round(
+    alg: FederatedAlgorithm,
+    state: ServerState,
+    cohort: Cohort,
+    key: PRNGKey,
+    *,
+    client_map: ClientMap | None = None,
+) -> tuple[ServerState, dict[str, jax.Array]]:
+    """Runs one round as one jitted program: clients, aggregation and server step.
+
+    Every client of the cohort runs ``alg.client_update`` (mapped by ``client_map``); a client
+    whose update is not finite is dropped (weight 0) and counted in
+    ``metrics["dropped_clients"]``; the aggregator combines the rest; ``alg.server_update``
+    applies the aggregate. A round where every weight is 0 (or whose new params would not be
+    finite) is skipped: the server state stays exactly as it was, except that ``round`` counts
+    on. Randomness: ``fold_in(key, state.round)``, so the same key gives the same result.
+
+    Args:
+      alg: the algorithm (e.g. ``fl.algorithms.fed_avg(loss_fn)``).
+      state: the server state from ``alg.init(params)`` or a previous round.
+      cohort: this round's data (:class:`~fedjax_lab.Cohort`).
+      key: PRNG key (the same for every round: the round number is folded in).
+      client_map: how clients are mapped (default :func:`fedjax_lab.maps.auto`).
+
+    Returns:
+      ``(new_state, metrics)``; metrics include ``train_loss`` (mean over the cohort's real
+      examples), ``num_examples``, ``dropped_clients``, ``total_weight``, ``round_skipped`` and
+      ``update_norm``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, fedjax_lab as fl
+      >>> loss = lambda p, b, k: jnp.sum(b["mask"] * (b["x"] @ p - b["y"]) ** 2) / b["mask"].sum()
+      >>> alg = fl.algorithms.fed_avg(loss, client_optimizer=optax.sgd(0.1))
+      >>> state = alg.init(jnp.zeros(2))
+      >>> cohort = fl.Cohort({"x": jnp.ones((3, 1, 4, 2)), "y": jnp.ones((3, 1, 4)),
+      ...                     "mask": jnp.ones((3, 1, 4))}, jnp.ones(3), jnp.arange(3))
+      >>> state, metrics = fl.run_round(alg, state, cohort, jax.random.key(0))
+      >>> [round(v, 4) for v in state.params.tolist()], int(state.round)
+      ([0.2, 0.2], 1)
+    """
+    _check_algorithm(alg)
+    _check_state(state)
+    _check_cohort(cohort)
+    _check_key(key)
+    return _run_round_jit(alg, _resolve_map(client_map), state, cohort, key)
+
+
+# ------------------------------------------------------------------------------- many rounds
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "alg",
+        "client_map",
+        "num_rounds",
+        "cohort_size",
+        "num_steps",
+        "batch_size",
+        "max_client_size",
+        "epochs",
+        "weighting",
+        "eval_fn",
+        "eval_every",
+    ),
+)
+def _run_rounds_jit(
+    alg,
+    client_map,
+    state,
+    examples,
+    offsets,
+    key,
+    eval_batches,
+    *,
+    num_rounds,
+    cohort_size,
+    num_steps,
+    batch_size,
+    max_client_size,
+    epochs,
+    weighting,
+    eval_fn,
+    eval_every,
+):
+    def one_round(state, _):
+        data_key = jax.random.fold_in(jax.random.fold_in(key, state.round), 1)
+        cohort = sampling.build_cohort(
+            data_key,
+            examples,
+            offsets,
+            cohort_size=cohort_size,
+            num_steps=num_steps,
+            batch_size=batch_size,
+            max_client_size=max_client_size,
+            epochs=epochs,
+            weighting=weighting,
+        )
+        state, metrics = _round_body(alg, client_map, state, cohort, key)
+        metrics["client_ids"] = cohort.client_ids
+        if eval_fn is not None:
+            due = (state.round % eval_every) == 0
+            shapes = jax.eval_shape(_eval_sums, eval_fn, state.params, eval_batches)
+            nan = jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
+            evals = jax.lax.cond(
+                due, lambda p: _eval_sums(eval_fn, p, eval_batches), lambda p: nan, state.params
+            )
+            metrics.update({f"eval_{k}": v for k, v in evals.items()})
+        return state, metrics
+
+    return jax.lax.scan(one_round, state, None, length=num_rounds)
+
+
+def _eval_sums(eval_fn: EvalFn, params: PyTree, batches: dict[str, jax.Array]):
+    """Sums ``eval_fn`` over ``[K, B]`` batches with a scan, then derives means."""
+
+    def body(acc, batch):
+        return jax.tree.map(jnp.add, acc, eval_fn(params, batch)), None
+
+    first = jax.tree.map(lambda a: a[0], batches)
+    zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(eval_fn, params, first)
+    )
+    sums, _ = jax.lax.scan(body, zeros, batches)
+    out = dict(sums)
+    n = jnp.maximum(sums.get("num_examples", 1.0), 1.0)
+    if "loss_sum" in sums:
+        out["loss"] = sums["loss_sum"] / n
+    if "num_correct" in sums:
+        out["accuracy"] = sums["num_correct"] / n
+    return out
+
+
+def _flat_batches(examples: dict[str, Any], batch_size: int) -> dict[str, np.ndarray]:
+    """Host: all examples as ``[K, B, ...]`` batches with a mask (last batch padded)."""
+    n = int(np.shape(next(iter(examples.values())))[0])
+    k = max(1, -(-n // batch_size))
+    pad = k * batch_size - n
+    out = {}
+    for name, v in examples.items():
+        v = np.asarray(v)
+        v = np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+        out[name] = v.reshape((k, batch_size) + v.shape[1:])
+    out["mask"] = (np.arange(k * batch_size) < n).astype(np.float32).reshape(k, batch_size)
+    return out
+
+
+def run_rounds(
+    alg: FederatedAlgorithm,
+    state: ServerState,
+    train_data: FederatedData,
+    key: PRNGKey,
+    *,
+    num_rounds: int,
+    cohort_size: int,
+    batch_size: int,
+    local_steps: int | None = None,
+    epochs: int = 1,
+    client_map: ClientMap | None = None,
+    weighting: str = "num_examples",
+    eval_fn: EvalFn | None = None,
+    eval_data: FederatedData | None = None,
+    eval_every: int = 1,
+    eval_batch_size: int = 256,
+) -> tuple[ServerState, dict[str, jax.Array]]:
+    """Runs ``num_rounds`` rounds as ONE ``lax.scan``: sampling, batching, training, server step.
+
+    Round ``r`` (``r = state.round``) samples ``cohort_size`` distinct clients uniformly on device
+    from ``fold_in(fold_in(key, r), 1)``, builds each one's ``[S, B]`` batch indices from its
+    range of the flat examples (a fresh shuffle each epoch) and gathers them; then it is exactly
+    :func:`run_round` with ``key``. Local work is either ``epochs`` passes over each client's data
+    (``S = ceil(max_client_size * epochs / B)``; a client holding less data does fewer real
+    steps, the rest are masked and move nothing) or a fixed ``local_steps`` (every step real,
+    cycling through the client's data). Because everything depends on ``(key, state.round)``,
+    running 10 rounds then 10 more equals running 20 at once.
+
+    Args:
+      alg: the algorithm.
+      state: the server state (its ``round`` says where the run stands).
+      train_data: the population (:class:`~fedjax_lab.data.FederatedData`); moved to the device.
+      key: PRNG key of the whole run.
+      num_rounds: rounds to run, ``>= 1``.
+      cohort_size: clients a round, ``1 <= cohort_size <= num_clients``.
+      batch_size: examples a local step, ``>= 1``.
+      local_steps: fixed local steps per client (overrides ``epochs``), or ``None``.
+      epochs: local passes over each client's data when ``local_steps`` is None, ``>= 1``.
+      client_map: how clients are mapped (default :func:`fedjax_lab.maps.auto`).
+      weighting: ``"num_examples"`` (a client's weight is the number of examples it holds) or
+        ``"uniform"``.
+      eval_fn: optional ``eval_fn(params, batch) -> dict of sums`` (``loss_sum``, ``num_correct``,
+        ``num_examples``, e.g. ``fl.models.classification_metrics(model)``), run on
+        ``eval_data`` inside the scan after every ``eval_every``-th round; other rounds report NaN.
+      eval_data: the data ``eval_fn`` runs on (all its examples, pooled).
+      eval_every: evaluation cadence in rounds, ``>= 1``.
+      eval_batch_size: batch size of that evaluation.
+
+    Returns:
+      ``(final_state, history)``: ``history`` maps each metric of :func:`run_round` (plus
+      ``client_ids`` and ``eval_*``) to an array with a leading ``[num_rounds]`` axis.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, optax, fedjax_lab as fl
+      >>> rng = np.random.default_rng(0)
+      >>> data = fl.FederatedData.from_client_arrays(
+      ...     [{"x": rng.normal(size=(n, 2)).astype("f4"), "y": np.ones(n, "f4")}
+      ...      for n in (3, 5, 4)])
+      >>> loss = lambda p, b, k: jnp.sum(b["mask"] * (b["x"] @ p - b["y"]) ** 2) / b["mask"].sum()
+      >>> alg = fl.algorithms.fed_avg(loss, client_optimizer=optax.sgd(0.05))
+      >>> state, hist = fl.run_rounds(alg, alg.init(jnp.zeros(2)), data, jax.random.key(0),
+      ...                             num_rounds=5, cohort_size=2, batch_size=2)
+      >>> hist["train_loss"].shape, int(state.round)
+      ((5,), 5)
+    """
+    _check_algorithm(alg)
+    _check_state(state)
+    _check_key(key)
+    client_map = _resolve_map(client_map)
+    if not isinstance(train_data, FederatedData):
+        raise TypeError(
+            f"train_data: expected a fl.data.FederatedData, got {type(train_data).__name__}; "
+            "build one with FederatedData.from_client_arrays(...)."
+        )
+    for name, value in [("num_rounds", num_rounds), ("batch_size", batch_size),
+                        ("epochs", epochs), ("eval_every", eval_every),
+                        ("eval_batch_size", eval_batch_size)]:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: need a whole number >= 1, got {value!r}.")
+    if local_steps is not None and (
+        not isinstance(local_steps, (int, np.integer)) or local_steps < 1
+    ):
+        raise ValueError(f"local_steps: need a whole number >= 1 or None, got {local_steps!r}.")
+    if weighting not in ("num_examples", "uniform"):
+        raise ValueError(f"weighting: expected 'num_examples' or 'uniform', got {weighting!r}.")
+    sampling._check_population(train_data, cohort_size)
+    if (eval_fn is None) != (eval_data is None):
+        raise ValueError("eval_fn, eval_data: give both to evaluate during training, or neither.")
+
+    max_client_size = int(np.max(train_data.client_sizes))
+    num_steps = sampling.num_local_steps(
+        max_client_size, batch_size, local_steps=local_steps, epochs=epochs
+    )
+    examples = {k: jnp.asarray(v) for k, v in train_data.examples.items()}
+    offsets = jnp.asarray(train_data.offsets, jnp.int32)
+    eval_batches = (
+        {k: jnp.asarray(v) for k, v in _flat_batches(eval_data.examples, eval_batch_size).items()}
+        if eval_data is not None
+        else None
+    )
+    return _run_rounds_jit(
+        alg,
+        client_map,
+        state,
+        examples,
+        offsets,
+        key,
+        eval_batches,
+        num_rounds=int(num_rounds),
+        cohort_size=int(cohort_size),
+        num_steps=num_steps,
+        batch_size=int(batch_size),
+        max_client_size=max_client_size,
+        epochs=None if local_steps is not None else int(epochs),
+        weighting=weighting,
+        eval_fn=eval_fn,
+        eval_every=int(eval_every),
+    )
