@@ -5,17 +5,31 @@
 ['fedadagrad', 'fedadam', 'fedavg']
 """
 
-from fedjax_lab import aggregators, algorithms, client, data, maps, server, tree
+from fedjax_lab import (
+    aggregators,
+    algorithms,
+    client,
+    data,
+    experiment,
+    maps,
+    metrics,
+    models,
+    server,
+    tree,
+)
 from fedjax_lab._types import (
     Aggregator,
     ClientInput,
     ClientMap,
     ClientOutput,
+    ClientSampler,
     Cohort,
     FederatedAlgorithm,
     ServerState,
 )
 from fedjax_lab.data import FederatedData, datasets, partition
+from fedjax_lab.metrics import evaluate
+from fedjax_lab.sweep import grid, sweep
 from fedjax_lab.rounds import run_round, run_rounds
 
 __version__ = "0.1.0"
@@ -25,6 +39,7 @@ __all__ = [
     "ClientInput",
     "ClientMap",
     "ClientOutput",
+    "ClientSampler",
     "Cohort",
     "FederatedAlgorithm",
     "FederatedData",
@@ -34,10 +49,16 @@ __all__ = [
     "client",
     "data",
     "datasets",
+    "evaluate",
+    "experiment",
+    "grid",
     "maps",
+    "metrics",
+    "models",
     "partition",
     "run_round",
     "run_rounds",
     "server",
+    "sweep",
     "tree",
 ]

@@ -84,6 +84,8 @@ class ServerState(NamedTuple):
       client_states: per-client state stacked over the whole population
         (``[num_clients, ...]`` leaves), or ``()`` when the algorithm keeps none.
       extra: algorithm-specific server state (``()`` when there is none).
+      sampler_state: the client sampler's state (e.g. each client's availability in a Markov
+        chain), set by :func:`fedjax_lab.run_rounds`; ``()`` for stateless samplers.
     """
 
     params: Params
@@ -92,6 +94,7 @@ class ServerState(NamedTuple):
     aggregator_state: PyTree = ()
     client_states: PyTree = ()
     extra: PyTree = ()
+    sampler_state: PyTree = ()
 
 
 class Aggregator(NamedTuple):
@@ -135,6 +138,23 @@ class FederatedAlgorithm(NamedTuple):
     aggregator: Aggregator
     server_update: Callable[[ServerState, PyTree, PRNGKey], ServerState]
     name: str = "federated_algorithm"
+
+
+class ClientSampler(NamedTuple):
+    """Chooses each round's cohort inside the compiled round; may carry state across rounds.
+
+    Attributes:
+      init: ``init(client_sizes: i32[N]) -> state`` (``()`` for a stateless sampler).
+      sample: ``sample(state, key, round, cohort_size, client_sizes) -> (client_ids,
+        available, state)``: ``client_ids`` ``i32[C]`` and ``available`` ``f32[C]`` (0 marks a
+        slot that found no available client: it becomes padding, weight 0 and mask 0).
+        ``cohort_size`` is static; ``client_sizes`` is ``i32[N]``.
+      name: what the sampler does.
+    """
+
+    init: Callable[[jax.Array], PyTree]
+    sample: Callable[..., tuple[jax.Array, jax.Array, PyTree]]
+    name: str
 
 
 class ClientMap(NamedTuple):

@@ -16,6 +16,7 @@ from fedjax_lab import tree as tree_lib
 from fedjax_lab._types import (
     ClientInput,
     ClientMap,
+    ClientSampler,
     Cohort,
     FederatedAlgorithm,
     PRNGKey,
@@ -228,23 +229,21 @@ def run_round(
 # ------------------------------------------------------------------------------- many rounds
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "alg",
-        "client_map",
-        "num_rounds",
-        "cohort_size",
-        "num_steps",
-        "batch_size",
-        "max_client_size",
-        "epochs",
-        "weighting",
-        "eval_fn",
-        "eval_every",
-    ),
+_STATIC = (
+    "num_rounds",
+    "cohort_size",
+    "num_steps",
+    "batch_size",
+    "max_client_size",
+    "epochs",
+    "weighting",
+    "sampler",
+    "eval_fn",
+    "eval_every",
 )
-def _run_rounds_jit(
+
+
+def _run_rounds_impl(
     alg,
     client_map,
     state,
@@ -260,16 +259,25 @@ def _run_rounds_jit(
     max_client_size,
     epochs,
     weighting,
+    sampler,
     eval_fn,
     eval_every,
 ):
+    sizes = offsets[1:] - offsets[:-1]
+
     def one_round(state, _):
         data_key = jax.random.fold_in(jax.random.fold_in(key, state.round), 1)
+        k_sample, k_batches = jax.random.split(data_key)
+        ids, available, sampler_state = sampler.sample(
+            state.sampler_state, k_sample, state.round, cohort_size, sizes
+        )
+        state = state._replace(sampler_state=sampler_state)
         cohort = sampling.build_cohort(
-            data_key,
+            k_batches,
             examples,
             offsets,
-            cohort_size=cohort_size,
+            ids,
+            available,
             num_steps=num_steps,
             batch_size=batch_size,
             max_client_size=max_client_size,
@@ -278,9 +286,12 @@ def _run_rounds_jit(
         )
         state, metrics = _round_body(alg, client_map, state, cohort, key)
         metrics["client_ids"] = cohort.client_ids
+        metrics["available_clients"] = jnp.sum(available)
         if eval_fn is not None:
             due = (state.round % eval_every) == 0
-            shapes = jax.eval_shape(_eval_sums, eval_fn, state.params, eval_batches)
+            shapes = jax.eval_shape(
+                lambda p, b: _eval_sums(eval_fn, p, b), state.params, eval_batches
+            )
             nan = jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
             evals = jax.lax.cond(
                 due, lambda p: _eval_sums(eval_fn, p, eval_batches), lambda p: nan, state.params
@@ -289,6 +300,9 @@ def _run_rounds_jit(
         return state, metrics
 
     return jax.lax.scan(one_round, state, None, length=num_rounds)
+
+
+_run_rounds_jit = jax.jit(_run_rounds_impl, static_argnames=("alg", "client_map") + _STATIC)
 
 
 def _eval_sums(eval_fn: EvalFn, params: PyTree, batches: dict[str, jax.Array]):
@@ -338,6 +352,7 @@ def run_rounds(
     epochs: int = 1,
     client_map: ClientMap | None = None,
     weighting: str = "num_examples",
+    sampler: ClientSampler | None = None,
     eval_fn: EvalFn | None = None,
     eval_data: FederatedData | None = None,
     eval_every: int = 1,
@@ -367,6 +382,9 @@ def run_rounds(
       client_map: how clients are mapped (default :func:`fedjax_lab.maps.auto`).
       weighting: ``"num_examples"`` (a client's weight is the number of examples it holds) or
         ``"uniform"``.
+      sampler: how each round's cohort is chosen (a :class:`~fedjax_lab.ClientSampler`; default
+        :func:`fedjax_lab.data.sampling.uniform`). A stateful sampler's state lives in
+        ``state.sampler_state`` (initialised here on first use) and is checkpointed with it.
       eval_fn: optional ``eval_fn(params, batch) -> dict of sums`` (``loss_sum``, ``num_correct``,
         ``num_examples``, e.g. ``fl.models.classification_metrics(model)``), run on
         ``eval_data`` inside the scan after every ``eval_every``-th round; other rounds report NaN.
@@ -394,7 +412,51 @@ def run_rounds(
     _check_algorithm(alg)
     _check_state(state)
     _check_key(key)
-    client_map = _resolve_map(client_map)
+    arrays, static = _prepare_run(
+        train_data,
+        num_rounds=num_rounds,
+        cohort_size=cohort_size,
+        batch_size=batch_size,
+        local_steps=local_steps,
+        epochs=epochs,
+        weighting=weighting,
+        sampler=sampler,
+        eval_fn=eval_fn,
+        eval_data=eval_data,
+        eval_every=eval_every,
+        eval_batch_size=eval_batch_size,
+    )
+    state = init_sampler_state(state, static["sampler"], arrays["offsets"])
+    return _run_rounds_jit(alg, _resolve_map(client_map), state, key=key, **arrays, **static)
+
+
+def init_sampler_state(state: ServerState, sampler: ClientSampler, offsets: Any) -> ServerState:
+    """Gives ``state`` the sampler's initial state when it holds none yet (host, once)."""
+    if jax.tree.leaves(state.sampler_state):
+        return state
+    sizes = jnp.diff(jnp.asarray(offsets, jnp.int32))
+    return state._replace(sampler_state=sampler.init(sizes))
+
+
+def _prepare_run(
+    train_data: FederatedData,
+    *,
+    num_rounds: int,
+    cohort_size: int,
+    batch_size: int,
+    local_steps: int | None,
+    epochs: int,
+    weighting: str,
+    sampler: ClientSampler | None,
+    eval_fn: EvalFn | None,
+    eval_data: FederatedData | None,
+    eval_every: int,
+    eval_batch_size: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Host side of :func:`run_rounds`: checks every argument, moves the data to the device.
+
+    Returns the array arguments and the static arguments of :func:`_run_rounds_impl`.
+    """
     if not isinstance(train_data, FederatedData):
         raise TypeError(
             f"train_data: expected a fl.data.FederatedData, got {type(train_data).__name__}; "
@@ -411,6 +473,11 @@ def run_rounds(
         raise ValueError(f"local_steps: need a whole number >= 1 or None, got {local_steps!r}.")
     if weighting not in ("num_examples", "uniform"):
         raise ValueError(f"weighting: expected 'num_examples' or 'uniform', got {weighting!r}.")
+    if sampler is not None and not isinstance(sampler, ClientSampler):
+        raise TypeError(
+            f"sampler: expected a fl.ClientSampler such as fl.data.sampling.uniform(), "
+            f"got {type(sampler).__name__}."
+        )
     sampling._check_population(train_data, cohort_size)
     if (eval_fn is None) != (eval_data is None):
         raise ValueError("eval_fn, eval_data: give both to evaluate during training, or neither.")
@@ -426,14 +493,8 @@ def run_rounds(
         if eval_data is not None
         else None
     )
-    return _run_rounds_jit(
-        alg,
-        client_map,
-        state,
-        examples,
-        offsets,
-        key,
-        eval_batches,
+    arrays = {"examples": examples, "offsets": offsets, "eval_batches": eval_batches}
+    static = dict(
         num_rounds=int(num_rounds),
         cohort_size=int(cohort_size),
         num_steps=num_steps,
@@ -441,6 +502,8 @@ def run_rounds(
         max_client_size=max_client_size,
         epochs=None if local_steps is not None else int(epochs),
         weighting=weighting,
+        sampler=sampling.uniform() if sampler is None else sampler,
         eval_fn=eval_fn,
         eval_every=int(eval_every),
     )
+    return arrays, static

@@ -6,16 +6,24 @@ built inside the compiled round with no host round-trip.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab._types import Cohort, PRNGKey
+from fedjax_lab._types import ClientSampler, Cohort, PRNGKey
 from fedjax_lab.data._federated import FederatedData
 
-__all__ = ["batch_indices", "build_cohort", "num_local_steps", "sample_clients"]
+__all__ = [
+    "batch_indices",
+    "build_cohort",
+    "num_local_steps",
+    "sample_clients",
+    "size_weighted",
+    "uniform",
+]
 
 
 def sample_clients(
@@ -46,6 +54,52 @@ def sample_clients(
     if probs is not None:
         g = g + jnp.log(jnp.asarray(probs, jnp.float32))
     return jax.lax.top_k(g, cohort_size)[1].astype(jnp.int32)
+
+
+@functools.cache
+def uniform() -> ClientSampler:
+    """Each round, ``C`` distinct clients uniformly at random (every client always available).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> s = uniform()
+      >>> sizes = jnp.ones(5, jnp.int32)
+      >>> ids, avail, _ = s.sample(s.init(sizes), jax.random.key(0), 0, 3, sizes)
+      >>> ids.shape, avail.tolist()
+      ((3,), [1.0, 1.0, 1.0])
+    """
+
+    def init(client_sizes: jax.Array) -> tuple:
+        del client_sizes
+        return ()
+
+    def sample(state, key, round, cohort_size, client_sizes):
+        del round
+        ids = sample_clients(key, client_sizes.shape[0], cohort_size)
+        return ids, jnp.ones((cohort_size,), jnp.float32), state
+
+    return ClientSampler(init, sample, "uniform()")
+
+
+@functools.cache
+def size_weighted() -> ClientSampler:
+    """Each round, ``C`` distinct clients drawn with probability proportional to their size.
+
+    Sequential sampling without replacement (Gumbel top-k on ``log n_i``); pair it with
+    ``weighting="uniform"`` for an unbiased mean of the client updates (McMahan et al. 2017's
+    alternative scheme, Li et al. 2020 "On the convergence of FedAvg on non-iid data").
+    """
+
+    def init(client_sizes: jax.Array) -> tuple:
+        del client_sizes
+        return ()
+
+    def sample(state, key, round, cohort_size, client_sizes):
+        del round
+        ids = sample_clients(key, client_sizes.shape[0], cohort_size, client_sizes)
+        return ids, jnp.ones((cohort_size,), jnp.float32), state
+
+    return ClientSampler(init, sample, "size_weighted()")
 
 
 def num_local_steps(
@@ -108,35 +162,37 @@ def build_cohort(
     key: PRNGKey,
     examples: dict[str, jax.Array],
     offsets: jax.Array,
+    client_ids: jax.Array,
+    available: jax.Array | None = None,
     *,
-    cohort_size: int,
     num_steps: int,
     batch_size: int,
     max_client_size: int,
     epochs: int | None,
     weighting: str = "num_examples",
-    probs: jax.Array | None = None,
 ) -> Cohort:
-    """Samples a cohort and gathers its ``[C, S, B]`` batches from the flat examples (jittable).
+    """Gathers the ``[C, S, B]`` batches of the clients ``client_ids`` from the flat examples.
+
+    Jittable; the cohort's clients come from a :class:`~fedjax_lab.ClientSampler`.
 
     Args:
-      key: PRNG key of this round's data.
+      key: PRNG key of this round's batches.
       examples: flat example arrays ``[N_examples, ...]``.
       offsets: ``[num_clients + 1]`` client boundaries.
-      cohort_size, num_steps, batch_size, max_client_size, epochs: static shapes (see
-        :func:`batch_indices`).
+      client_ids: ``i32[C]`` the cohort.
+      available: optional ``f32[C]``; 0 turns a slot into padding (mask 0, weight 0).
+      num_steps, batch_size, max_client_size, epochs: static shapes (see :func:`batch_indices`).
       weighting: ``"num_examples"`` (a client's weight is the number of examples it holds) or
         ``"uniform"`` (weight 1).
-      probs: optional client sampling weights (see :func:`sample_clients`).
 
     Returns:
       A :class:`~fedjax_lab.Cohort`.
     """
     offsets = jnp.asarray(offsets, jnp.int32)
     sizes = offsets[1:] - offsets[:-1]
-    k_ids, k_batches = jax.random.split(key)
-    ids = sample_clients(k_ids, sizes.shape[0], cohort_size, probs)
-    keys = jax.random.split(k_batches, cohort_size)
+    ids = jnp.asarray(client_ids, jnp.int32)
+    cohort_size = ids.shape[0]
+    keys = jax.random.split(key, cohort_size)
     idx, mask = jax.vmap(
         lambda k, o, n: batch_indices(
             k,
@@ -149,13 +205,17 @@ def build_cohort(
         )
     )(keys, offsets[ids], sizes[ids])
     batches = {name: jnp.asarray(v)[idx] for name, v in examples.items()}
-    batches["mask"] = mask
     if weighting == "num_examples":
         weights = sizes[ids].astype(jnp.float32)
     elif weighting == "uniform":
         weights = jnp.ones((cohort_size,), jnp.float32)
     else:
         raise ValueError(f"weighting: expected 'num_examples' or 'uniform', got {weighting!r}.")
+    if available is not None:
+        available = jnp.asarray(available, jnp.float32)
+        mask = mask * available[:, None, None]
+        weights = weights * available
+    batches["mask"] = mask
     return Cohort(batches, weights, ids)
 
 

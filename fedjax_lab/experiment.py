@@ -1,0 +1,372 @@
+"""Experiment configs: a TOML file (or dict) names data, model, algorithms and the schedule.
+
+A config is checked completely — every key, type and allowed value — before any data is loaded or
+anything compiles, and an invalid one raises :class:`ConfigError` naming the key and what it
+accepts. :func:`build` turns a valid config into the data, model and algorithms of a run.
+
+The default experiment (``fedjax-lab run`` with no config) is :data:`DEFAULT_CONFIG`: digits over
+100 clients with Dirichlet(0.5) label skew, a small MLP, 10 clients a round, FedAvg against
+FedAdam and FedYogi.
+
+Example:
+  >>> cfg = validate({"algorithms": [{"name": "fedadam", "server_learning_rate": 0.03}]})
+  >>> cfg["data"]["name"], cfg["training"]["cohort_size"], cfg["algorithms"][0]["name"]
+  ('digits', 10, 'fedadam')
+  >>> validate({"training": {"client_map": "fast"}})
+  Traceback (most recent call last):
+  ...
+  fedjax_lab.experiment.ConfigError: training.client_map: got 'fast'; allowed: 'auto', 'chunked', 'sequential', 'sharded', 'vmap'.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import sys
+from typing import Any, NamedTuple
+
+import optax
+
+from fedjax_lab import maps as maps_lib
+from fedjax_lab import models as models_lib
+from fedjax_lab._types import ClientMap, FederatedAlgorithm, LossFn
+from fedjax_lab.algorithms import REGISTRY
+from fedjax_lab.data import datasets as datasets_lib
+from fedjax_lab.data._federated import FederatedData
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["DEFAULT_CONFIG", "ConfigError", "Experiment", "build", "load_config", "validate"]
+
+
+class ConfigError(ValueError):
+    """An invalid experiment config; the message names the key and the allowed values."""
+
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "name": "digits: FedAvg vs FedAdam vs FedYogi",
+    "data": {
+        "name": "digits",
+        "num_clients": 100,
+        "partition": "dirichlet",
+        "alpha": 0.5,
+        "seed": 0,
+    },
+    "model": {"name": "mlp", "hidden": [64]},
+    "training": {
+        "rounds": 300,
+        "cohort_size": 10,
+        "batch_size": 10,
+        "epochs": 1,
+        "client_map": "auto",
+        "seed": 1,
+    },
+    "evaluation": {"every": 25, "batch_size": 256},
+    "checkpoint": {"every": 50, "keep": 2},
+    "algorithms": [
+        {"name": "fedavg", "client_learning_rate": 0.1},
+        {"name": "fedadam", "client_learning_rate": 0.1, "server_learning_rate": 0.03},
+        {"name": "fedyogi", "client_learning_rate": 0.1, "server_learning_rate": 0.03},
+    ],
+}
+
+_FILE_DATASETS = ("tff_h5", "leaf")
+_MODELS = {
+    "logistic_regression": models_lib.logistic_regression,
+    "mlp": models_lib.mlp,
+    "cnn": models_lib.cnn,
+    "char_lstm": models_lib.char_lstm,
+    "resnet": models_lib.resnet,
+}
+_MAPS = ("auto", "chunked", "sequential", "sharded", "vmap")
+_CLIENT_OPTIMIZERS = {"sgd": optax.sgd, "adam": optax.adam, "adagrad": optax.adagrad}
+_SECTIONS = {
+    "name": str,
+    "data": dict,
+    "model": dict,
+    "training": dict,
+    "evaluation": dict,
+    "checkpoint": dict,
+    "algorithms": list,
+    "sweep": dict,
+}
+_TRAINING = {
+    "rounds": (int, 1),
+    "cohort_size": (int, 1),
+    "batch_size": (int, 1),
+    "epochs": (int, 1),
+    "local_steps": (int, 1),
+    "client_map": (str, None),
+    "chunk_size": (int, 1),
+    "weighting": (str, None),
+    "seed": (int, 0),
+}
+_EVALUATION = {"every": (int, 1), "batch_size": (int, 1)}
+_CHECKPOINT = {"every": (int, 1), "keep": (int, 1)}
+
+
+def _allowed(values) -> str:
+    return ", ".join(repr(v) for v in sorted(values))
+
+
+def _check_number(where: str, value: Any, kind: type, minimum: Any) -> None:
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where}: must be >= {minimum}, got {value!r}.")
+
+
+def _check_section(name: str, section: dict, spec: dict) -> None:
+    for key, value in section.items():
+        if key not in spec:
+            raise ConfigError(f"{name}.{key}: unknown key; allowed: {_allowed(spec)}.")
+        kind, minimum = spec[key]
+        if kind is str:
+            if not isinstance(value, str):
+                raise ConfigError(f"{name}.{key}: expected a string, got {value!r}.")
+        else:
+            _check_number(f"{name}.{key}", value, kind, minimum)
+
+
+def _merge(default: dict, given: dict) -> dict:
+    out = copy.deepcopy(default)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            # a different dataset or model starts from no options rather than the default's
+            if key in ("data", "model") and value.get("name", out[key].get("name")) != out[key].get(
+                "name"
+            ):
+                out[key] = copy.deepcopy(value)
+            else:
+                out[key].update(copy.deepcopy(value))
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _factory_params(fn) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(fn).parameters)
+
+
+def validate(config: dict[str, Any]) -> dict[str, Any]:
+    """Checks a config and fills in defaults from :data:`DEFAULT_CONFIG`; returns the full config.
+
+    Raises:
+      ConfigError: naming the first bad key and the values it allows.
+    """
+    if not isinstance(config, dict):
+        raise ConfigError(f"config: expected a table (dict), got {type(config).__name__}.")
+    for key in config:
+        if key not in _SECTIONS:
+            raise ConfigError(f"{key}: unknown section; allowed: {_allowed(_SECTIONS)}.")
+        if not isinstance(config[key], _SECTIONS[key]):
+            raise ConfigError(
+                f"{key}: expected a {_SECTIONS[key].__name__}, got {type(config[key]).__name__}."
+            )
+    cfg = _merge(DEFAULT_CONFIG, config)
+
+    data = cfg["data"]
+    names = tuple(datasets_lib.DATASETS) + _FILE_DATASETS
+    if data.get("name") not in names:
+        raise ConfigError(f"data.name: got {data.get('name')!r}; allowed: {_allowed(names)}.")
+    if data["name"] in datasets_lib.DATASETS:
+        params = _factory_params(datasets_lib.DATASETS[data["name"]])
+        for key in data:
+            if key != "name" and key not in params:
+                raise ConfigError(
+                    f"data.{key}: not an option of dataset {data['name']!r}; allowed: "
+                    f"{_allowed(k for k in params if k != 'name')}."
+                )
+        if "partition" in data and data["partition"] not in datasets_lib.PARTITIONS:
+            raise ConfigError(
+                f"data.partition: got {data['partition']!r}; allowed: "
+                f"{_allowed(datasets_lib.PARTITIONS)}."
+            )
+    else:
+        required = {"train_path", "test_path"} | ({"task"} if data["name"] == "tff_h5" else set())
+        allowed = required | {"name", "seq_len"}
+        for key in data:
+            if key not in allowed:
+                raise ConfigError(f"data.{key}: unknown key; allowed: {_allowed(allowed)}.")
+        for key in sorted(required - set(data)):
+            raise ConfigError(f"data.{key}: required for data.name = {data['name']!r}.")
+        if data["name"] == "tff_h5" and data["task"] not in datasets_lib.TFF_TASKS:
+            raise ConfigError(
+                f"data.task: got {data['task']!r}; allowed: {_allowed(datasets_lib.TFF_TASKS)}."
+            )
+
+    model = cfg["model"]
+    if model.get("name") not in _MODELS:
+        raise ConfigError(f"model.name: got {model.get('name')!r}; allowed: {_allowed(_MODELS)}.")
+    params = _factory_params(_MODELS[model["name"]])
+    for key in model:
+        if key != "name" and key not in params:
+            raise ConfigError(
+                f"model.{key}: not an option of model {model['name']!r}; allowed: "
+                f"{_allowed(params)}."
+            )
+
+    _check_section("training", cfg["training"], _TRAINING)
+    training = cfg["training"]
+    if training["client_map"] not in _MAPS:
+        raise ConfigError(
+            f"training.client_map: got {training['client_map']!r}; allowed: {_allowed(_MAPS)}."
+        )
+    if training.get("weighting", "num_examples") not in ("num_examples", "uniform"):
+        raise ConfigError(
+            f"training.weighting: got {training['weighting']!r}; allowed: 'num_examples', "
+            "'uniform'."
+        )
+    _check_section("evaluation", cfg["evaluation"], _EVALUATION)
+    _check_section("checkpoint", cfg["checkpoint"], _CHECKPOINT)
+    if cfg["checkpoint"]["every"] % cfg["evaluation"]["every"]:
+        raise ConfigError(
+            f"checkpoint.every: must be a multiple of evaluation.every "
+            f"({cfg['evaluation']['every']}), got {cfg['checkpoint']['every']}: checkpoints are "
+            "written between compiled blocks of evaluation.every rounds."
+        )
+
+    algs = cfg["algorithms"]
+    if not algs:
+        raise ConfigError("algorithms: need at least one [[algorithms]] table.")
+    seen = set()
+    for i, alg in enumerate(algs):
+        where = f"algorithms[{i}]"
+        if not isinstance(alg, dict):
+            raise ConfigError(f"{where}: expected a table, got {alg!r}.")
+        if alg.get("name") not in REGISTRY:
+            raise ConfigError(
+                f"{where}.name: got {alg.get('name')!r}; allowed: {_allowed(REGISTRY)}."
+            )
+        label = alg.get("label", alg["name"])
+        if label in seen:
+            raise ConfigError(f"{where}.label: {label!r} appears twice; give each run a label.")
+        seen.add(label)
+        opt = alg.get("client_optimizer", "sgd")
+        if opt not in _CLIENT_OPTIMIZERS:
+            raise ConfigError(
+                f"{where}.client_optimizer: got {opt!r}; allowed: {_allowed(_CLIENT_OPTIMIZERS)}."
+            )
+        lr = alg.get("client_learning_rate", 0.1)
+        _check_number(f"{where}.client_learning_rate", lr, float, None)
+        if not lr > 0:
+            raise ConfigError(f"{where}.client_learning_rate: must be > 0, got {lr!r}.")
+        params = _factory_params(REGISTRY[alg["name"]])
+        has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        own = {"name", "label", "client_optimizer", "client_learning_rate"}
+        for key in alg:
+            if key in own or key in params:
+                continue
+            if not has_kwargs:
+                raise ConfigError(
+                    f"{where}.{key}: not a hyper-parameter of {alg['name']!r}; allowed: "
+                    f"{_allowed((set(params) - {'loss_fn', 'kwargs'}) | own)}."
+                )
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
+    """Reads a TOML config (``None``: the default experiment) and validates it."""
+    if path is None:
+        return validate({})
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config: no such file {os.fspath(path)!r}.") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {os.fspath(path)!r} is not valid TOML: {e}.") from e
+    return validate(raw)
+
+
+class Experiment(NamedTuple):
+    """What :func:`build` makes of a config."""
+
+    config: dict[str, Any]
+    train: FederatedData
+    test: FederatedData
+    model: models_lib.Model
+    loss_fn: LossFn
+    eval_fn: Any
+    algorithms: dict[str, FederatedAlgorithm]
+    client_map: ClientMap
+
+
+def _load_data(data: dict[str, Any]) -> tuple[FederatedData, FederatedData]:
+    if data["name"] in datasets_lib.DATASETS:
+        options = {k: v for k, v in data.items() if k != "name"}
+        return datasets_lib.load(data["name"], **options)
+    extra = {"seq_len": data["seq_len"]} if "seq_len" in data else {}
+    if data["name"] == "tff_h5":
+        load = lambda p: datasets_lib.load_tff_h5(p, data["task"], **extra)
+    else:
+        load = lambda p: datasets_lib.load_leaf(p)
+    return load(data["train_path"]), load(data["test_path"])
+
+
+def _is_text(data: dict[str, Any]) -> bool:
+    return data["name"] == "shakespeare" or data.get("task") == "shakespeare"
+
+
+def build_algorithm(spec: dict[str, Any], loss_fn: LossFn) -> FederatedAlgorithm:
+    """Builds one ``[[algorithms]]`` entry with :data:`fedjax_lab.algorithms.REGISTRY`."""
+    hp = {k: v for k, v in spec.items() if k not in ("name", "label", "client_optimizer",
+                                                     "client_learning_rate")}
+    make_opt = _CLIENT_OPTIMIZERS[spec.get("client_optimizer", "sgd")]
+    client_optimizer = make_opt(spec.get("client_learning_rate", 0.1))
+    hp.setdefault("name", spec.get("label", spec["name"]))
+    return REGISTRY[spec["name"]](loss_fn, client_optimizer=client_optimizer, **hp)
+
+
+def client_map_from(training: dict[str, Any]) -> ClientMap:
+    """The client map a ``[training]`` table names."""
+    name = training["client_map"]
+    if name == "chunked":
+        return maps_lib.chunked(training.get("chunk_size", 32))
+    if name == "sharded":
+        return maps_lib.sharded()
+    return getattr(maps_lib, name)()
+
+
+def build(config: dict[str, Any]) -> Experiment:
+    """Loads the data and builds the model, loss, metrics, algorithms and client map.
+
+    Hyper-parameters are checked here too (each factory validates its own), still before
+    anything compiles.
+    """
+    cfg = validate(config)
+    train, test = _load_data(cfg["data"])
+    model_cfg = {k: v for k, v in cfg["model"].items() if k != "name"}
+    name = cfg["model"]["name"]
+    pad_id = None
+    if _is_text(cfg["data"]):
+        pad_id = datasets_lib.SHAKESPEARE_PAD_ID
+        model_cfg.setdefault("vocab_size", datasets_lib.SHAKESPEARE_VOCAB_SIZE)
+    else:
+        input_shape = tuple(train.examples["x"].shape[1:])
+        num_classes = int(max(train.examples["y"].max(), test.examples["y"].max())) + 1
+        model_cfg.setdefault("num_classes", num_classes)
+        model_cfg.setdefault("input_shape", input_shape)
+    model = _MODELS[name](**model_cfg)
+    loss_fn = models_lib.classification_loss(model, pad_id=pad_id)
+    eval_fn = models_lib.classification_metrics(model, pad_id=pad_id)
+    algorithms = {}
+    for spec in cfg["algorithms"]:
+        try:
+            algorithms[spec.get("label", spec["name"])] = build_algorithm(spec, loss_fn)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"algorithms ({spec['name']}): {e}") from e
+    if cfg["training"]["cohort_size"] > train.num_clients:
+        raise ConfigError(
+            f"training.cohort_size: {cfg['training']['cohort_size']} is more than the "
+            f"{train.num_clients} clients of the data; use <= {train.num_clients}."
+        )
+    return Experiment(cfg, train, test, model, loss_fn, eval_fn, algorithms,
+                      client_map_from(cfg["training"]))

@@ -1,0 +1,134 @@
+"""Per-client evaluation in one compiled program, and the distribution view of fairness."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lab._types import Batch, Params
+from fedjax_lab.data._federated import FederatedData
+
+__all__ = ["evaluate", "summarize"]
+
+EvalFn = Callable[[Params, Batch], dict[str, jax.Array]]
+
+
+@functools.partial(jax.jit, static_argnames=("eval_fn", "num_clients"))
+def _per_client_sums(eval_fn, params, batches, owners, *, num_clients):
+    """Scans ``[K, B]`` batches; per-example sums are added into their client's slot."""
+
+    def per_example(x):
+        one = jax.tree.map(lambda a: a[None], x)  # a batch of one example
+        return eval_fn(params, one)
+
+    def body(acc, xs):
+        batch, owner = xs
+        sums = jax.vmap(per_example)(batch)
+        acc = {
+            k: acc[k] + jax.ops.segment_sum(v, owner, num_segments=num_clients + 1)
+            for k, v in sums.items()
+        }
+        return acc, None
+
+    first = jax.tree.map(lambda a: a[0, :1], batches)
+    shapes = jax.eval_shape(eval_fn, params, first)
+    zeros = {k: jnp.zeros((num_clients + 1,), s.dtype) for k, s in shapes.items()}
+    acc, _ = jax.lax.scan(body, zeros, (batches, owners))
+    return {k: v[:num_clients] for k, v in acc.items()}  # slot num_clients holds the padding
+
+
+def evaluate(
+    eval_fn: EvalFn,
+    params: Params,
+    data: FederatedData,
+    *,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Loss and accuracy of ``params`` on every client of ``data``, in one compiled program.
+
+    The examples are scanned in batches of ``batch_size`` (memory stays bounded whatever the
+    population); each example's sums (``eval_fn`` on a batch of one, vmapped over the batch)
+    are added into its client's slot with a segment sum.
+
+    Args:
+      eval_fn: ``eval_fn(params, batch) -> dict`` of SUMS over the batch's real examples with
+        ``loss_sum``, ``num_correct`` and ``num_examples`` (e.g.
+        ``fl.models.classification_metrics(model)``).
+      params: the model parameters.
+      data: the clients to evaluate.
+      batch_size: examples per scanned batch, ``>= 1``.
+
+    Returns:
+      The dict of :func:`summarize`: per-client NumPy arrays ``client_loss``,
+      ``client_accuracy``, ``client_num_examples`` (``[num_clients]``) and floats ``loss`` and
+      ``accuracy`` (example-weighted over all examples), ``accuracy_client_mean`` (each client
+      counts once), ``accuracy_p10/p50/p90`` and ``accuracy_std`` over clients.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, fedjax_lab as fl
+      >>> model = fl.models.logistic_regression((2,), 2)
+      >>> data = fl.FederatedData.from_client_arrays([
+      ...     {"x": np.ones((3, 2), "f4"), "y": np.zeros(3, "i4")},
+      ...     {"x": -np.ones((2, 2), "f4"), "y": np.ones(2, "i4")}])
+      >>> params = model.init(jax.random.key(0))
+      >>> out = fl.evaluate(fl.models.classification_metrics(model), params, data)
+      >>> out["client_num_examples"].tolist()
+      [3.0, 2.0]
+    """
+    if not isinstance(data, FederatedData):
+        raise TypeError(f"data: expected a fl.FederatedData, got {type(data).__name__}.")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size: need a whole number >= 1, got {batch_size!r}.")
+    n, c = data.num_examples, data.num_clients
+    if n == 0:
+        raise ValueError("data: holds no examples; nothing to evaluate.")
+    k = -(-n // batch_size)
+    pad = k * batch_size - n
+    owners = np.repeat(np.arange(c), data.client_sizes)
+    owners = np.concatenate([owners, np.full(pad, c)]).reshape(k, batch_size).astype(np.int32)
+    batches = {}
+    for name, v in data.examples.items():
+        v = np.asarray(v)
+        v = np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+        batches[name] = v.reshape((k, batch_size) + v.shape[1:])
+    batches["mask"] = (np.arange(k * batch_size) < n).astype(np.float32).reshape(k, batch_size)
+    sums = _per_client_sums(eval_fn, params, batches, owners, num_clients=c)
+    sums = {name: np.asarray(v) for name, v in sums.items()}
+    return summarize(sums)
+
+
+def summarize(sums: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per-client means and the distribution of per-client accuracy from per-client SUMS.
+
+    Clients with no real examples are left out of the client statistics.
+
+    Example:
+      >>> import numpy as np
+      >>> s = summarize({"loss_sum": np.array([1.0, 3.0]), "num_correct": np.array([1.0, 1.0]),
+      ...                "num_examples": np.array([1.0, 3.0])})
+      >>> round(s["accuracy"], 2), round(s["accuracy_client_mean"], 3)
+      (0.5, 0.667)
+    """
+    count = np.asarray(sums["num_examples"], np.float64)
+    has = count > 0
+    safe = np.where(has, count, 1.0)
+    out: dict[str, Any] = {"client_num_examples": count, "num_examples": float(count.sum())}
+    total = max(float(count.sum()), 1.0)
+    if "loss_sum" in sums:
+        out["client_loss"] = np.asarray(sums["loss_sum"]) / safe
+        out["loss"] = float(np.sum(sums["loss_sum"]) / total)
+    if "num_correct" in sums:
+        acc = np.asarray(sums["num_correct"]) / safe
+        out["client_accuracy"] = acc
+        real = acc[has]
+        out["accuracy"] = float(np.sum(sums["num_correct"]) / total)
+        out["accuracy_client_mean"] = float(real.mean()) if real.size else float("nan")
+        out["accuracy_std"] = float(real.std()) if real.size else float("nan")
+        for q in (10, 50, 90):
+            out[f"accuracy_p{q}"] = float(np.percentile(real, q)) if real.size else float("nan")
+    return out

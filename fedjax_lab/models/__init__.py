@@ -1,0 +1,51 @@
+"""Models as pure ``(init, apply)`` pairs: Flax adapters, the benchmark zoo, losses, convolutions.
+
+A :class:`Model` is ``init(key) -> params`` and ``apply(params, x, *, key=None, train=False)``
+for ONE batch ``x`` ``[B, ...]``; the engine sees only the params pytree.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> import fedjax_lab.models as fm
+  >>> model = fm.mlp((4,), hidden=(8,), num_classes=3)
+  >>> params = model.init(jax.random.key(0))
+  >>> batch = {"x": jnp.ones((2, 4)), "y": jnp.array([0, 1]), "mask": jnp.ones(2)}
+  >>> loss = fm.classification_loss(model)(params, batch, jax.random.key(1))
+  >>> loss.shape
+  ()
+"""
+
+from fedjax_lab.models._conv import CONV_FORMULATIONS, conv2d, resolve_conv
+from fedjax_lab.models._core import (
+    Model,
+    classification_loss,
+    classification_metrics,
+    from_flax,
+    from_nnx,
+)
+from fedjax_lab.models.zoo import (
+    Conv2D,
+    char_lstm,
+    cnn,
+    logistic_regression,
+    mlp,
+    num_params,
+    resnet,
+)
+
+__all__ = [
+    "CONV_FORMULATIONS",
+    "Conv2D",
+    "Model",
+    "char_lstm",
+    "classification_loss",
+    "classification_metrics",
+    "cnn",
+    "conv2d",
+    "from_flax",
+    "from_nnx",
+    "logistic_regression",
+    "mlp",
+    "num_params",
+    "resnet",
+    "resolve_conv",
+]

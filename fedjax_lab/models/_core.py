@@ -1,0 +1,280 @@
+"""A model as a pure ``(init, apply)`` pair, Flax adapters, and the engine's losses/metrics."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lab._types import Batch, LossFn, Params, PRNGKey
+
+
+class Model(NamedTuple):
+    """A model as two pure functions; the engine only ever sees the params pytree.
+
+    Attributes:
+      init: ``init(key) -> params``, a pytree of arrays.
+      apply: ``apply(params, x, *, key=None, train=False) -> logits`` for ONE batch ``x``
+        (``[B, ...]``, no client axis: a client map adds that). ``key`` feeds stochastic layers
+        (dropout) and is used only when ``train=True``.
+    """
+
+    init: Callable[[PRNGKey], Params]
+    apply: Callable[..., jax.Array]
+
+
+def _mode_kwarg(fn: Callable) -> str | None:
+    """Which keyword a Flax ``__call__`` takes for train/eval mode, if any."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+        return None
+    for name in ("train", "deterministic"):
+        if name in params:
+            return name
+    return None
+
+
+def _mode_kwargs(name: str | None, train: bool) -> dict[str, bool]:
+    if name == "train":
+        return {"train": train}
+    if name == "deterministic":
+        return {"deterministic": not train}
+    return {}
+
+
+def from_flax(module: Any, example_input: Any) -> Model:
+    """Wraps a Flax Linen module as a :class:`Model`.
+
+    ``init(key)`` runs ``module.init`` on ``example_input`` (a ``[B, ...]`` array; only its shape
+    and dtype matter) and returns the ``"params"`` collection. ``apply`` runs ``module.apply``
+    with ``rngs={"dropout": key}`` when a key is given. If ``module.__call__`` takes ``train`` it
+    gets ``train=train``; if it takes ``deterministic`` it gets ``deterministic=not train``.
+
+    Mutable collections (BatchNorm's ``batch_stats``) are refused: federated clients do not share
+    batch statistics; use GroupNorm/LayerNorm.
+
+    Args:
+      module: a ``flax.linen.Module`` instance.
+      example_input: an example batch ``[B, ...]`` for shape inference.
+
+    Returns:
+      A :class:`Model`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import flax.linen as nn
+      >>> model = from_flax(nn.Dense(3), jnp.zeros((1, 4)))
+      >>> params = model.init(jax.random.key(0))
+      >>> model.apply(params, jnp.ones((2, 4))).shape
+      (2, 3)
+    """
+    import flax.linen as nn
+
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"module: expected a flax.linen.Module instance, got {type(module).__name__}; for a "
+            "Flax NNX module use from_nnx."
+        )
+    mode = _mode_kwarg(type(module).__call__)
+
+    def init(key: PRNGKey) -> Params:
+        pkey, dkey = jax.random.split(key)
+        variables = module.init(
+            {"params": pkey, "dropout": dkey}, example_input, **_mode_kwargs(mode, False)
+        )
+        extra = sorted(k for k in variables if k != "params")
+        if extra:
+            raise ValueError(
+                f"module: has variable collections {extra} besides 'params' (e.g. BatchNorm's "
+                "batch_stats); a federated Model must be stateless: use GroupNorm or LayerNorm."
+            )
+        return variables.get("params", {})
+
+    def apply(
+        params: Params, x: jax.Array, *, key: PRNGKey | None = None, train: bool = False
+    ) -> jax.Array:
+        rngs = {"dropout": key} if key is not None else None
+        return module.apply({"params": params}, x, rngs=rngs, **_mode_kwargs(mode, train))
+
+    return Model(init=init, apply=apply)
+
+
+def from_nnx(module: Any) -> Model:
+    """Wraps a Flax NNX module, or a factory ``make(rngs) -> module``, as a :class:`Model`.
+
+    The module is split once with ``nnx.split(module, nnx.Param, ...)``: ``params`` is the
+    ``nnx.Param`` state as a pure pytree (an ``nnx.State``) and everything else (RNG streams,
+    constants) stays fixed. ``apply`` rebuilds the module with ``nnx.merge`` on copies of both,
+    sets train/eval mode (``module.train()`` / ``module.eval()``), in training reseeds every RNG
+    stream of the module (``dropout``, ...) from ``key`` (``fold_in(key, i)`` for the i-th
+    stream name in sorted order) and calls it; nothing leaks out, so ``apply`` is pure.
+
+    With a factory, ``init(key)`` builds a fresh module from ``nnx.Rngs(key)``; with an instance,
+    ``init`` returns the instance's own parameters whatever the key (build it from the seed
+    you want, or pass a factory).
+
+    Args:
+      module: an ``nnx.Module`` instance, or a callable ``make(rngs: nnx.Rngs) -> nnx.Module``.
+
+    Returns:
+      A :class:`Model`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> model = from_nnx(lambda rngs: nnx.Linear(4, 3, rngs=rngs))
+      >>> params = model.init(jax.random.key(0))
+      >>> model.apply(params, jnp.ones((2, 4))).shape
+      (2, 3)
+    """
+    from flax import nnx
+
+    if isinstance(module, nnx.Module):
+        factory = None
+        graphdef, params0, rest = nnx.split(module, nnx.Param, ...)
+    elif callable(module):
+        factory = module
+        built = factory(nnx.Rngs(0))
+        if not isinstance(built, nnx.Module):
+            raise TypeError(
+                f"module: the factory returned {type(built).__name__}, expected an nnx.Module."
+            )
+        graphdef, params0, rest = nnx.split(built, nnx.Param, ...)
+    else:
+        raise TypeError(
+            f"module: expected an nnx.Module or a factory make(rngs) -> nnx.Module, got "
+            f"{type(module).__name__}; for a Flax Linen module use from_flax."
+        )
+
+    def init(key: PRNGKey) -> Params:
+        if factory is None:
+            return params0
+        _, params, _ = nnx.split(factory(nnx.Rngs(key)), nnx.Param, ...)
+        return params
+
+    rng_keys = nnx.state(nnx.merge(graphdef, params0, rest), nnx.RngKey)
+    is_var = lambda v: isinstance(v, nnx.Variable)
+    streams = sorted({v.tag for v in jax.tree.leaves(rng_keys, is_leaf=is_var)})
+
+    def apply(
+        params: Params, x: jax.Array, *, key: PRNGKey | None = None, train: bool = False
+    ) -> jax.Array:
+        # Fresh Variable containers: the call may advance RNG counts, never in `rest`.
+        copy = lambda tree: jax.tree.map(lambda a: a, tree)
+        m = nnx.merge(graphdef, copy(params), copy(rest))
+        if train:
+            m.train()
+            if key is not None and streams:
+                nnx.reseed(m, **{t: jax.random.fold_in(key, i) for i, t in enumerate(streams)})
+        else:
+            m.eval()
+        return m(x)
+
+    return Model(init=init, apply=apply)
+
+
+# ------------------------------------------------------------------ losses and metrics
+
+
+def _weights_and_labels(batch: Batch, logits: jax.Array, pad_id: int | None):
+    """Per-position weights (mask, times ``y != pad_id``) and safe integer labels."""
+    y = jnp.asarray(batch["y"])
+    if "mask" not in batch:
+        raise ValueError('batch: missing "mask" (f32[B], 1 = real example, 0 = padding).')
+    if logits.shape[:-1] != y.shape:
+        raise ValueError(
+            f"batch['y']: shape {y.shape} does not match the logits' leading dims "
+            f"{logits.shape[:-1]} (logits are [B, ..., num_classes], labels [B, ...])."
+        )
+    mask = jnp.asarray(batch["mask"], logits.dtype)
+    w = mask.reshape(mask.shape + (1,) * (y.ndim - mask.ndim))
+    w = jnp.broadcast_to(w, y.shape)
+    if pad_id is not None:
+        w = w * (y != pad_id).astype(w.dtype)
+    y_safe = jnp.where(w > 0, y, 0).astype(jnp.int32)
+    return w, y_safe
+
+
+def classification_loss(model: Model, *, pad_id: int | None = None) -> LossFn:
+    """Masked softmax cross-entropy: the engine's ``loss_fn(params, batch, key) -> scalar``.
+
+    ``loss = sum_p w_p * CE(logits_p, y_p) / sum_p w_p`` over positions ``p`` (examples, or
+    ``(example, time)`` pairs for sequence logits ``[B, T, V]`` with labels ``[B, T]``), where
+    ``w_p = mask[b]`` times ``(y_p != pad_id)`` when ``pad_id`` is given. Padding never
+    contributes; its labels may be anything. An all-zero mask gives loss 0 and a zero
+    gradient (never NaN). The model runs with ``train=True`` and the given key (dropout).
+
+    Args:
+      model: a :class:`Model` whose ``apply`` returns logits ``[B, ..., num_classes]``.
+      pad_id: label id that marks padded positions inside real sequences (``None``: none).
+
+    Returns:
+      ``loss_fn(params, batch, key) -> f32[]``; ``batch`` holds ``"x"``, ``"y"``, ``"mask"``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fedjax_lab.models import logistic_regression
+      >>> model = logistic_regression((4,), 3)
+      >>> loss_fn = classification_loss(model)
+      >>> batch = {"x": jnp.ones((2, 4)), "y": jnp.array([0, 2]), "mask": jnp.array([1., 0.])}
+      >>> params = jax.tree.map(jnp.zeros_like, model.init(jax.random.key(0)))
+      >>> round(float(loss_fn(params, batch, jax.random.key(1))), 4)  # log(3)
+      1.0986
+    """
+
+    def loss_fn(params: Params, batch: Batch, key: PRNGKey) -> jax.Array:
+        logits = model.apply(params, batch["x"], key=key, train=True)
+        w, y = _weights_and_labels(batch, logits, pad_id)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        total = jnp.sum(w)
+        safe_total = jnp.where(total > 0, total, 1.0)
+        return jnp.sum(jnp.where(w > 0, ce * w, 0.0)) / safe_total
+
+    return loss_fn
+
+
+def classification_metrics(
+    model: Model, *, pad_id: int | None = None
+) -> Callable[[Params, Batch], dict[str, jax.Array]]:
+    """Masked evaluation SUMS, mergeable across batches and clients by adding them.
+
+    Over real positions ``p`` (weights ``w_p`` as in :func:`classification_loss`):
+    ``loss_sum = sum_p w_p CE_p``, ``num_correct = sum_p w_p [argmax logits_p == y_p]``,
+    ``num_examples = sum_p w_p`` (real positions for sequence models). Accuracy is
+    ``num_correct / num_examples``. The model runs with ``train=False``.
+
+    Args:
+      model: a :class:`Model` whose ``apply`` returns logits ``[B, ..., num_classes]``.
+      pad_id: label id that marks padded positions (``None``: none).
+
+    Returns:
+      ``eval_fn(params, batch) -> {"loss_sum", "num_correct", "num_examples"}`` (f32 scalars).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fedjax_lab.models import logistic_regression
+      >>> model = logistic_regression((4,), 3)
+      >>> eval_fn = classification_metrics(model)
+      >>> batch = {"x": jnp.ones((2, 4)), "y": jnp.array([0, 2]), "mask": jnp.array([1., 0.])}
+      >>> m = eval_fn(model.init(jax.random.key(0)), batch)
+      >>> float(m["num_examples"])
+      1.0
+    """
+
+    def eval_fn(params: Params, batch: Batch) -> dict[str, jax.Array]:
+        logits = model.apply(params, batch["x"], train=False)
+        w, y = _weights_and_labels(batch, logits, pad_id)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        correct = (jnp.argmax(logits, axis=-1) == y).astype(w.dtype)
+        return {
+            "loss_sum": jnp.sum(jnp.where(w > 0, ce * w, 0.0)),
+            "num_correct": jnp.sum(correct * w),
+            "num_examples": jnp.sum(w),
+        }
+
+    return eval_fn

@@ -1,0 +1,409 @@
+"""The standard federated benchmark models, built with Flax Linen, returned as :class:`Model`.
+
+Every factory returns a pure ``(init, apply)`` pair (:func:`fedjax_lab.models.from_flax`);
+``apply(params, x, *, key=None, train=False)`` takes one batch ``[B, ...]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fedjax_lab.models._conv import Padding, conv2d, resolve_conv
+from fedjax_lab.models._core import Model, from_flax
+
+
+class Conv2D(nn.Module):
+    """Stride-1 2-D convolution layer (NHWC) that calls :func:`fedjax_lab.models.conv2d`.
+
+    Params are named like ``flax.linen.Conv``: ``kernel`` ``[kh, kw, C, features]`` (LeCun
+    normal) and ``bias`` ``[features]`` (zeros).
+
+    Attributes:
+      features: number of output channels.
+      kernel_size: ``(kh, kw)``.
+      padding: ``"SAME"``, ``"VALID"`` or two ``(low, high)`` pairs.
+      use_bias: add a bias.
+      conv: convolution formulation (``"auto"``, ``"lax"``, ``"patches"``, ``"canonical_vjp"``).
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    padding: Padding = "SAME"
+    use_bias: bool = True
+    conv: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features)
+        )
+        y = conv2d(x, kernel.astype(x.dtype), padding=self.padding, formulation=self.conv)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,))
+            y = y + bias.astype(y.dtype).reshape(1, 1, 1, -1)
+        return y
+
+
+def _check_shape(input_shape: Sequence[int], name: str = "input_shape") -> tuple[int, ...]:
+    shape = tuple(int(d) for d in input_shape)
+    if not shape or any(d <= 0 for d in shape):
+        raise ValueError(
+            f"{name}: expected a non-empty tuple of positive sizes, got {input_shape}."
+        )
+    return shape
+
+
+def _check_positive(value: int, name: str) -> int:
+    if int(value) != value or value <= 0:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+class _MLP(nn.Module):
+    hidden: tuple[int, ...]
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+        for h in self.hidden:
+            x = nn.relu(nn.Dense(h)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+def logistic_regression(input_shape: Sequence[int], num_classes: int) -> Model:
+    """Multinomial logistic regression: ``logits = flatten(x) @ W + b``.
+
+    Args:
+      input_shape: shape of one example (flattened by the model).
+      num_classes: number of classes.
+
+    Returns:
+      A :class:`Model`; ``apply`` maps ``[B, *input_shape]`` to ``[B, num_classes]``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = logistic_regression((8, 8), 10)
+      >>> model.apply(model.init(jax.random.key(0)), jnp.ones((5, 8, 8))).shape
+      (5, 10)
+    """
+    shape = _check_shape(input_shape)
+    num_classes = _check_positive(num_classes, "num_classes")
+    return from_flax(_MLP((), num_classes), jnp.zeros((1, *shape), jnp.float32))
+
+
+def mlp(
+    input_shape: Sequence[int], hidden: Sequence[int] = (200, 200), num_classes: int = 10
+) -> Model:
+    """Fully connected ReLU network on the flattened input.
+
+    The default ``mlp((28, 28), (200, 200), 10)`` is the 784-200-200-10 "2NN" of McMahan et al.
+
+    Args:
+      input_shape: shape of one example (flattened by the model).
+      hidden: widths of the hidden layers.
+      num_classes: number of classes.
+
+    Returns:
+      A :class:`Model`; ``apply`` maps ``[B, *input_shape]`` to ``[B, num_classes]``.
+
+    References:
+      McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+      Data", AISTATS 2017.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = mlp((4,), hidden=(8,), num_classes=3)
+      >>> model.apply(model.init(jax.random.key(0)), jnp.ones((2, 4))).shape
+      (2, 3)
+    """
+    shape = _check_shape(input_shape)
+    hidden = tuple(_check_positive(h, "hidden") for h in hidden)
+    num_classes = _check_positive(num_classes, "num_classes")
+    return from_flax(_MLP(hidden, num_classes), jnp.zeros((1, *shape), jnp.float32))
+
+
+class _CNN(nn.Module):
+    input_shape: tuple[int, ...]
+    num_classes: int
+    features: tuple[int, ...]
+    dense: int
+    dropout: tuple[float, float]
+    padding: str
+    conv: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = x.reshape((x.shape[0], *self.input_shape)).astype(jnp.float32)
+        if x.ndim == 3:
+            x = x[..., None]
+        for f in self.features:
+            x = nn.relu(Conv2D(f, (3, 3), padding=self.padding, conv=self.conv)(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.Dropout(self.dropout[0], deterministic=not train)(x)
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(self.dense)(x))
+        x = nn.Dropout(self.dropout[1], deterministic=not train)(x)
+        return nn.Dense(self.num_classes)(x)
+
+
+def _dropout_pair(dropout: float | Sequence[float]) -> tuple[float, float]:
+    rates = (dropout, dropout) if isinstance(dropout, int | float) else tuple(dropout)
+    if len(rates) != 2 or any(not 0.0 <= float(r) < 1.0 for r in rates):
+        raise ValueError(
+            f"dropout: expected a rate in [0, 1) or a pair (after_pool, after_dense), got "
+            f"{dropout!r}."
+        )
+    return float(rates[0]), float(rates[1])
+
+
+def cnn(
+    input_shape: Sequence[int] = (28, 28, 1),
+    num_classes: int = 62,
+    *,
+    features: Sequence[int] = (32, 64),
+    dense: int = 128,
+    dropout: float | Sequence[float] = 0.0,
+    padding: str = "VALID",
+    conv: str = "auto",
+) -> Model:
+    """The EMNIST CNN of the FedAvg / Adaptive Federated Optimization papers.
+
+    ``conv3x3(32) - relu - conv3x3(64) - relu - maxpool2x2 - dropout - dense(128) - relu -
+    dropout - dense(num_classes)``, VALID padding (1.2M parameters at the defaults). Reddi et
+    al. use ``dropout=(0.25, 0.5)``; the default 0.0 makes training deterministic.
+
+    ``conv="auto"`` (the default) is ``"canonical_vjp"`` on CPU and ``"lax"`` on GPU/TPU
+    (:func:`fedjax_lab.models.resolve_conv`). Measured with
+    ``experiments/benchmarks/conv_formulations.py`` on the 2-core XLA:CPU machine of
+    DESIGN.md §5 (jax 0.10.2; EMNIST CNN, batch 20, 10 local SGD steps, 8 clients;
+    examples/s, one shared, noisy machine)::
+
+      formulation    python loop  scan+lax.map  unrolled+lax.map  scan+vmap
+      lax                    496            37                44         19
+      patches                175           526               505        506
+      canonical_vjp         1004           730               711        404
+
+    The engine's CPU context is a ``lax.scan`` over local steps under ``lax.map`` over
+    clients, where ``canonical_vjp`` is 20x faster than ``lax``. On GPU, cuDNN has no such
+    loop-body slow path and plain ``lax`` is the safe choice.
+    Args:
+      input_shape: shape of one example, ``(H, W)`` or ``(H, W, C)`` (flat inputs are reshaped).
+      num_classes: number of classes (62 for EMNIST-62).
+      features: channels of the 3x3 convolutions.
+      dense: width of the hidden dense layer.
+      dropout: rate, or ``(after_pool, after_dense)`` rates; active only with ``train=True``.
+      padding: ``"VALID"`` (the papers) or ``"SAME"``.
+      conv: convolution formulation, see :func:`fedjax_lab.models.conv2d`.
+
+    Returns:
+      A :class:`Model`; ``apply`` maps ``[B, *input_shape]`` to ``[B, num_classes]``.
+
+    References:
+      McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+      Data", AISTATS 2017; Reddi et al., "Adaptive Federated Optimization", ICLR 2021.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = cnn((8, 8, 1), num_classes=5, features=(2, 3), dense=4)
+      >>> model.apply(model.init(jax.random.key(0)), jnp.ones((2, 8, 8, 1))).shape
+      (2, 5)
+    """
+    shape = _check_shape(input_shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"input_shape: expected (H, W) or (H, W, C), got {input_shape}.")
+    resolve_conv(conv, backend="cpu")  # validates the name early
+    module = _CNN(
+        input_shape=shape,
+        num_classes=_check_positive(num_classes, "num_classes"),
+        features=tuple(_check_positive(f, "features") for f in features),
+        dense=_check_positive(dense, "dense"),
+        dropout=_dropout_pair(dropout),
+        padding=padding,
+        conv=conv,
+    )
+    return from_flax(module, jnp.zeros((1, *shape), jnp.float32))
+
+
+class _CharLSTM(nn.Module):
+    vocab_size: int
+    embed: int
+    hidden: int
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Embed(self.vocab_size, self.embed)(x.astype(jnp.int32))
+        for _ in range(self.num_layers):
+            h = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h)
+        return nn.Dense(self.vocab_size)(h)
+
+
+def char_lstm(
+    vocab_size: int = 90, embed: int = 8, hidden: int = 256, num_layers: int = 2
+) -> Model:
+    """The Shakespeare next-character LSTM (LEAF / Reddi et al.).
+
+    ``embedding(vocab, 8) - LSTM(256) - LSTM(256) - dense(vocab)`` applied at every position;
+    the recurrence is a ``lax.scan`` over time (``flax.linen.RNN``). 90 symbols is TFF's
+    Shakespeare vocabulary (86 characters plus pad, OOV, BOS, EOS); use
+    ``classification_loss(model, pad_id=0)`` to skip padding positions.
+
+    Args:
+      vocab_size: number of symbols (input ids and output classes).
+      embed: embedding width.
+      hidden: LSTM width.
+      num_layers: number of stacked LSTM layers.
+
+    Returns:
+      A :class:`Model`; ``apply`` maps ``int[B, T]`` to logits ``[B, T, vocab_size]``.
+
+    References:
+      Caldas et al., "LEAF: A Benchmark for Federated Settings", 2018; Reddi et al., "Adaptive
+      Federated Optimization", ICLR 2021.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = char_lstm(vocab_size=7, embed=2, hidden=4, num_layers=1)
+      >>> params = model.init(jax.random.key(0))
+      >>> model.apply(params, jnp.zeros((3, 5), jnp.int32)).shape
+      (3, 5, 7)
+    """
+    module = _CharLSTM(
+        vocab_size=_check_positive(vocab_size, "vocab_size"),
+        embed=_check_positive(embed, "embed"),
+        hidden=_check_positive(hidden, "hidden"),
+        num_layers=_check_positive(num_layers, "num_layers"),
+    )
+    return from_flax(module, jnp.zeros((1, 2), jnp.int32))
+
+
+class _ResBlock(nn.Module):
+    features: int
+    groups: int
+    downsample: bool
+    conv: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.downsample:
+            x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        y = Conv2D(self.features, use_bias=False, conv=self.conv)(x)
+        y = nn.relu(nn.GroupNorm(num_groups=self.groups)(y))
+        y = Conv2D(self.features, use_bias=False, conv=self.conv)(y)
+        y = nn.GroupNorm(num_groups=self.groups)(y)
+        if x.shape[-1] != self.features:  # 1x1 projection: a dense layer over channels
+            x = nn.Dense(self.features, use_bias=False, name="shortcut")(x)
+        return nn.relu(x + y)
+
+
+class _ResNet(nn.Module):
+    input_shape: tuple[int, ...]
+    num_classes: int
+    stage_sizes: tuple[int, ...]
+    width: int
+    groups: int
+    conv: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape((x.shape[0], *self.input_shape)).astype(jnp.float32)
+        x = Conv2D(self.width, use_bias=False, conv=self.conv)(x)
+        x = nn.relu(nn.GroupNorm(num_groups=self.groups)(x))
+        for i, n in enumerate(self.stage_sizes):
+            for j in range(n):
+                x = _ResBlock(self.width * 2**i, self.groups, i > 0 and j == 0, self.conv)(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
+
+
+def resnet(
+    num_classes: int = 100,
+    *,
+    input_shape: Sequence[int] = (32, 32, 3),
+    stage_sizes: Sequence[int] = (1, 1, 1),
+    width: int = 16,
+    groups: int = 2,
+    conv: str = "auto",
+) -> Model:
+    """A small CIFAR ResNet with GroupNorm instead of BatchNorm (no cross-client batch stats).
+
+    Stem ``conv3x3(width) - GN - relu``, then stages ``i = 0, 1, ...`` of ``stage_sizes[i]``
+    basic blocks with ``width * 2**i`` channels (``conv3x3 - GN - relu - conv3x3 - GN`` plus
+    the shortcut, then relu), global average pooling and a dense layer. Stages after the
+    first halve the resolution with a 2x2 average pool at their entry (all convolutions are
+    stride 1, see :func:`fedjax_lab.models.conv2d`); a 1x1 projection matches channels on the
+    shortcut. GroupNorm with 2 groups follows Hsieh et al. / Reddi et al.'s CIFAR ResNet.
+
+    ``conv="auto"`` (the default) is ``"canonical_vjp"`` on CPU and ``"lax"`` on GPU/TPU
+    (:func:`fedjax_lab.models.resolve_conv`). Measured with
+    ``experiments/benchmarks/conv_formulations.py`` on the 2-core XLA:CPU machine of
+    DESIGN.md §5 (jax 0.10.2; EMNIST CNN, batch 20, 10 local SGD steps, 8 clients;
+    examples/s, one shared, noisy machine)::
+
+      formulation    python loop  scan+lax.map  unrolled+lax.map  scan+vmap
+      lax                    496            37                44         19
+      patches                175           526               505        506
+      canonical_vjp         1004           730               711        404
+
+    The engine's CPU context is a ``lax.scan`` over local steps under ``lax.map`` over
+    clients, where ``canonical_vjp`` is 20x faster than ``lax``. On GPU, cuDNN has no such
+    loop-body slow path and plain ``lax`` is the safe choice.
+    Args:
+      num_classes: number of classes (100 for CIFAR-100).
+      input_shape: shape of one example ``(H, W, C)``.
+      stage_sizes: number of blocks in each stage.
+      width: channels of the first stage (doubled each stage).
+      groups: GroupNorm groups; must divide every stage's width.
+      conv: convolution formulation, see :func:`fedjax_lab.models.conv2d`.
+
+    Returns:
+      A :class:`Model`; ``apply`` maps ``[B, H, W, C]`` to ``[B, num_classes]``.
+
+    References:
+      He et al., "Deep Residual Learning for Image Recognition", CVPR 2016; Hsieh et al., "The
+      Non-IID Data Quagmire of Decentralized Machine Learning", ICML 2020; Reddi et al.,
+      "Adaptive Federated Optimization", ICLR 2021.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = resnet(10, input_shape=(8, 8, 3), stage_sizes=(1, 1), width=4, groups=2)
+      >>> model.apply(model.init(jax.random.key(0)), jnp.ones((2, 8, 8, 3))).shape
+      (2, 10)
+    """
+    shape = _check_shape(input_shape)
+    if len(shape) != 3:
+        raise ValueError(f"input_shape: expected (H, W, C), got {input_shape}.")
+    stages = tuple(_check_positive(s, "stage_sizes") for s in stage_sizes)
+    if not stages:
+        raise ValueError("stage_sizes: need at least one stage, got an empty sequence.")
+    width = _check_positive(width, "width")
+    groups = _check_positive(groups, "groups")
+    if width % groups:
+        raise ValueError(f"groups: must divide width={width}, got {groups}.")
+    if min(shape[:2]) < 2 ** (len(stages) - 1):
+        raise ValueError(
+            f"input_shape: {shape[:2]} is too small for {len(stages)} stages (each after the "
+            "first halves the resolution)."
+        )
+    resolve_conv(conv, backend="cpu")
+    num_classes = _check_positive(num_classes, "num_classes")
+    module = _ResNet(shape, num_classes, stages, width, groups, conv)
+    return from_flax(module, jnp.zeros((1, *shape), jnp.float32))
+
+
+def num_params(params) -> int:
+    """Number of scalars in a params pytree.
+
+    Example:
+      >>> import jax
+      >>> num_params(mlp((784,)).init(jax.random.key(0)))  # the FedAvg 2NN
+      199210
+    """
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
