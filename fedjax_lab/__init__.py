@@ -8,6 +8,8 @@
 from fedjax_lab import (
     aggregators,
     algorithms,
+    checkpoint,
+    cli,
     client,
     data,
     experiment,
@@ -46,6 +48,8 @@ __all__ = [
     "ServerState",
     "aggregators",
     "algorithms",
+    "checkpoint",
+    "cli",
     "client",
     "data",
     "datasets",

@@ -85,8 +85,9 @@ def test_conv_under_vmap_with_per_client_kernels(formulation):
         return f
 
     dx, dk = jax.jit(jax.vmap(client_grads(formulation)))(xs, ks, gs)
+    reference = jax.jit(client_grads("lax"))
     for c in range(num_clients):
-        dx_ref, dk_ref = client_grads("lax")(xs[c], ks[c], gs[c])
+        dx_ref, dk_ref = reference(xs[c], ks[c], gs[c])
         _close(dx[c], dx_ref)
         _close(dk[c], dk_ref)
 
@@ -203,28 +204,32 @@ def test_cnn_dropout_only_in_training():
 
 def test_char_lstm_shapes_and_causality():
     model = fm.char_lstm(vocab_size=7, embed=3, hidden=5, num_layers=2)
-    params = model.init(KEY)
+    params = jax.jit(model.init)(KEY)
+    apply = jax.jit(model.apply)
     x = jax.random.randint(jax.random.key(1), (2, 6), 0, 7)
-    logits = model.apply(params, x)
+    logits = apply(params, x)
     assert logits.shape == (2, 6, 7)
     # The recurrence runs forward in time: changing the last token leaves earlier logits alone.
     x2 = x.at[:, -1].set((x[:, -1] + 1) % 7)
-    logits2 = model.apply(params, x2)
+    logits2 = apply(params, x2)
     _close(logits2[:, :-1], logits[:, :-1])
     assert not np.allclose(np.asarray(logits2[:, -1]), np.asarray(logits[:, -1]))
 
 
 def test_resnet_shapes_groupnorm_and_no_batchnorm():
     model = fm.resnet(
-        6, input_shape=(8, 8, 3), stage_sizes=(1, 1), width=4, groups=2, conv="canonical_vjp"
+        6, input_shape=(4, 4, 3), stage_sizes=(1, 1), width=4, groups=2, conv="canonical_vjp"
     )
-    params = model.init(KEY)
-    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-    assert model.apply(params, x).shape == (2, 6)
+    params = jax.jit(model.init)(KEY)
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
+    logits = jax.jit(model.apply)(params, x)
+    assert logits.shape == (2, 6)
+    # Stage 2 doubles the width and projects the shortcut with a 1x1 (dense) layer.
+    assert params["_ResBlock_1"]["shortcut"]["kernel"].shape == (4, 8)
     names = {k for path, _ in jax.tree_util.tree_leaves_with_path(params) for k in map(str, path)}
     assert any("GroupNorm" in n for n in names)
-    lax_model = fm.resnet(6, input_shape=(8, 8, 3), stage_sizes=(1, 1), width=4, conv="lax")
-    _close(lax_model.apply(params, x), model.apply(params, x))
+    lax_model = fm.resnet(6, input_shape=(4, 4, 3), stage_sizes=(1, 1), width=4, conv="lax")
+    _close(jax.jit(lax_model.apply)(params, x), logits)
     with pytest.raises(ValueError, match="groups"):
         fm.resnet(width=6, groups=4)
 

