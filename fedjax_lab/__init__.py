@@ -16,6 +16,7 @@ from fedjax_lab import (
     maps,
     metrics,
     models,
+    personalization,
     server,
     tree,
 )
@@ -31,8 +32,8 @@ from fedjax_lab._types import (
 )
 from fedjax_lab.data import FederatedData, datasets, partition
 from fedjax_lab.metrics import evaluate
-from fedjax_lab.sweep import grid, sweep
 from fedjax_lab.rounds import run_round, run_rounds
+from fedjax_lab.sweep import grid, sweep
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,7 @@ __all__ = [
     "metrics",
     "models",
     "partition",
+    "personalization",
     "run_round",
     "run_rounds",
     "server",

@@ -223,12 +223,12 @@ def robust_fed_avg(
     agg = robust.from_name(
         aggregator, beta=beta, f=f, m=m, gm_iters=gm_iters, nu=nu, tau=tau, cc_iters=cc_iters
     )
-    kwargs.setdefault("name", "robust_fedavg")
+    name = kwargs.pop("name", None)
     alg = fed_opt(
         loss_fn, client_optimizer, server_lib.fed_sgd(server_learning_rate), aggregator=agg,
-        **kwargs,
+        name="robust_fedavg", **kwargs,
     )
-    return attacked(
+    alg = attacked(
         alg,
         attack,
         fraction=attack_fraction,
@@ -238,3 +238,4 @@ def robust_fed_avg(
         noise_std=attack_noise_std,
         num_classes=num_classes,
     )
+    return alg if name is None else alg._replace(name=name)

@@ -94,7 +94,7 @@ def _run_one(
     block = evaluation["every"]
 
     init_key, run_key = jax.random.split(jax.random.key(training["seed"]))
-    state = alg.init(experiment.model.init(init_key))
+    state = alg.init(experiment.model.init(init_key), num_clients=experiment.train.num_clients)
     history: list[dict[str, Any]] = []
     existing = ckpt.latest_step(ckpt_dir) if ckpt_dir.exists() else None
     if resume and existing is not None:
@@ -132,6 +132,7 @@ def _run_one(
             epochs=training["epochs"],
             client_map=experiment.client_map,
             weighting=training.get("weighting", "num_examples"),
+            sampler=experiment.sampler,
             eval_fn=experiment.eval_fn,
             eval_data=experiment.test,
             eval_every=block,
@@ -310,10 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             run_experiment(config, args.out, rounds=args.rounds, resume=args.resume,
                            progress=not args.no_progress)
         else:
-            from fedjax_lab import sweep as sweep_lib
+            from fedjax_lab.sweep import run_sweep_config
 
             config = exp_lib.load_config(args.config)
-            sweep_lib.run_sweep_config(config, args.out, rounds=args.rounds)
+            run_sweep_config(config, args.out, rounds=args.rounds)
     except (exp_lib.ConfigError, ValueError, TypeError) as e:
         print(f"fedjax-lab: error: {e}", file=sys.stderr)
         return 2

@@ -12,10 +12,11 @@ Example:
   >>> cfg = validate({"algorithms": [{"name": "fedadam", "server_learning_rate": 0.03}]})
   >>> cfg["data"]["name"], cfg["training"]["cohort_size"], cfg["algorithms"][0]["name"]
   ('digits', 10, 'fedadam')
-  >>> validate({"training": {"client_map": "fast"}})
-  Traceback (most recent call last):
-  ...
-  fedjax_lab.experiment.ConfigError: training.client_map: got 'fast'; allowed: 'auto', 'chunked', 'sequential', 'sharded', 'vmap'.
+  >>> try:
+  ...     validate({"training": {"client_map": "fast"}})
+  ... except ConfigError as e:
+  ...     print(e)
+  training.client_map: got 'fast'; allowed: 'auto', 'chunked', 'sequential', 'sharded', 'vmap'.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import optax
 
 from fedjax_lab import maps as maps_lib
 from fedjax_lab import models as models_lib
-from fedjax_lab._types import ClientMap, FederatedAlgorithm, LossFn
+from fedjax_lab._types import ClientMap, ClientSampler, FederatedAlgorithm, LossFn
 from fedjax_lab.algorithms import REGISTRY
 from fedjax_lab.data import datasets as datasets_lib
+from fedjax_lab.data import participation as participation_lib
+from fedjax_lab.data import sampling as sampling_lib
 from fedjax_lab.data._federated import FederatedData
 
 if sys.version_info >= (3, 11):
@@ -81,8 +84,17 @@ _MODELS = {
     "cnn": models_lib.cnn,
     "char_lstm": models_lib.char_lstm,
     "resnet": models_lib.resnet,
+    "word_lstm": models_lib.word_lstm,
 }
 _MAPS = ("auto", "chunked", "sequential", "sharded", "vmap")
+_SAMPLERS = {
+    "uniform": sampling_lib.uniform,
+    "size_weighted": sampling_lib.size_weighted,
+    "bernoulli": participation_lib.bernoulli,
+    "markov": participation_lib.markov,
+    "dropout_forever": participation_lib.dropout_forever,
+    "weighted": participation_lib.weighted,
+}
 _CLIENT_OPTIMIZERS = {"sgd": optax.sgd, "adam": optax.adam, "adagrad": optax.adagrad}
 _SECTIONS = {
     "name": str,
@@ -91,6 +103,7 @@ _SECTIONS = {
     "training": dict,
     "evaluation": dict,
     "checkpoint": dict,
+    "sampler": dict,
     "algorithms": list,
     "sweep": dict,
 }
@@ -192,6 +205,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     else:
         required = {"train_path", "test_path"} | ({"task"} if data["name"] == "tff_h5" else set())
         allowed = required | {"name", "seq_len"}
+        if data.get("task") == "stackoverflow":
+            allowed |= {"vocab_size", "vocab_path", "max_sentences_per_client"}
         for key in data:
             if key not in allowed:
                 raise ConfigError(f"data.{key}: unknown key; allowed: {_allowed(allowed)}.")
@@ -224,6 +239,22 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
             f"training.weighting: got {training['weighting']!r}; allowed: 'num_examples', "
             "'uniform'."
         )
+    sampler = cfg.get("sampler") or {"name": "uniform"}
+    if sampler.get("name") not in _SAMPLERS:
+        raise ConfigError(
+            f"sampler.name: got {sampler.get('name')!r}; allowed: {_allowed(_SAMPLERS)}."
+        )
+    params = _factory_params(_SAMPLERS[sampler["name"]])
+    for key in sampler:
+        if key != "name" and key not in params:
+            raise ConfigError(
+                f"sampler.{key}: not an option of sampler {sampler['name']!r}; allowed: "
+                f"{_allowed(params)}."
+            )
+    missing = [k for k, p in params.items()
+               if p.default is inspect.Parameter.empty and k not in sampler]
+    if missing:
+        raise ConfigError(f"sampler.{missing[0]}: required by sampler {sampler['name']!r}.")
     _check_section("evaluation", cfg["evaluation"], _EVALUATION)
     _check_section("checkpoint", cfg["checkpoint"], _CHECKPOINT)
     if cfg["checkpoint"]["every"] % cfg["evaluation"]["every"]:
@@ -297,6 +328,7 @@ class Experiment(NamedTuple):
     eval_fn: Any
     algorithms: dict[str, FederatedAlgorithm]
     client_map: ClientMap
+    sampler: ClientSampler
 
 
 def _load_data(data: dict[str, Any]) -> tuple[FederatedData, FederatedData]:
@@ -304,15 +336,28 @@ def _load_data(data: dict[str, Any]) -> tuple[FederatedData, FederatedData]:
         options = {k: v for k, v in data.items() if k != "name"}
         return datasets_lib.load(data["name"], **options)
     extra = {"seq_len": data["seq_len"]} if "seq_len" in data else {}
-    if data["name"] == "tff_h5":
-        load = lambda p: datasets_lib.load_tff_h5(p, data["task"], **extra)
-    else:
-        load = lambda p: datasets_lib.load_leaf(p)
-    return load(data["train_path"]), load(data["test_path"])
+    if data["name"] == "leaf":
+        return datasets_lib.load_leaf(data["train_path"]), datasets_lib.load_leaf(data["test_path"])
+    train_extra = dict(extra)
+    if data["task"] == "stackoverflow":
+        # One vocabulary for both splits: counted on the train file unless a word list is given.
+        extra["vocab_path"] = data.get("vocab_path", data["train_path"])
+        extra["vocab_size"] = data.get("vocab_size", 10000)
+        train_extra = dict(extra)
+        if "max_sentences_per_client" in data:
+            train_extra["max_sentences_per_client"] = data["max_sentences_per_client"]
+    train = datasets_lib.load_tff_h5(data["train_path"], data["task"], **train_extra)
+    test = datasets_lib.load_tff_h5(data["test_path"], data["task"], **extra)
+    return train, test
 
 
-def _is_text(data: dict[str, Any]) -> bool:
-    return data["name"] == "shakespeare" or data.get("task") == "shakespeare"
+def _text_task(data: dict[str, Any]) -> tuple[int, int] | None:
+    """``(vocab_size, pad_id)`` of a next-token task, ``None`` for classification."""
+    if data["name"] == "shakespeare" or data.get("task") == "shakespeare":
+        return datasets_lib.SHAKESPEARE_VOCAB_SIZE, datasets_lib.SHAKESPEARE_PAD_ID
+    if data.get("task") == "stackoverflow":
+        return data.get("vocab_size", 10000) + 4, datasets_lib.STACKOVERFLOW_PAD_ID
+    return None
 
 
 def build_algorithm(spec: dict[str, Any], loss_fn: LossFn) -> FederatedAlgorithm:
@@ -346,9 +391,10 @@ def build(config: dict[str, Any]) -> Experiment:
     model_cfg = {k: v for k, v in cfg["model"].items() if k != "name"}
     name = cfg["model"]["name"]
     pad_id = None
-    if _is_text(cfg["data"]):
-        pad_id = datasets_lib.SHAKESPEARE_PAD_ID
-        model_cfg.setdefault("vocab_size", datasets_lib.SHAKESPEARE_VOCAB_SIZE)
+    text = _text_task(cfg["data"])
+    if text is not None:
+        vocab_size, pad_id = text
+        model_cfg.setdefault("vocab_size", vocab_size)
     else:
         input_shape = tuple(train.examples["x"].shape[1:])
         num_classes = int(max(train.examples["y"].max(), test.examples["y"].max())) + 1
@@ -368,5 +414,10 @@ def build(config: dict[str, Any]) -> Experiment:
             f"training.cohort_size: {cfg['training']['cohort_size']} is more than the "
             f"{train.num_clients} clients of the data; use <= {train.num_clients}."
         )
+    sampler_cfg = dict(cfg.get("sampler") or {"name": "uniform"})
+    try:
+        sampler = _SAMPLERS[sampler_cfg.pop("name")](**sampler_cfg)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sampler: {e}") from e
     return Experiment(cfg, train, test, model, loss_fn, eval_fn, algorithms,
-                      client_map_from(cfg["training"]))
+                      client_map_from(cfg["training"]), sampler)

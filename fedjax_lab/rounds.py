@@ -54,9 +54,9 @@ def _round_body(
 
     def one_client(shared, x):
         server_state, agg_state = shared
-        batches, weight, client_id, client_state, ckey = x
+        batches, weight_in, client_id, client_state, ckey = x
         out = alg.client_update(
-            server_state, ClientInput(batches, weight, client_id, client_state), ckey
+            server_state, ClientInput(batches, weight_in, client_id, client_state), ckey
         )
         finite = tree_lib.all_finite(out.update)
         weight = jnp.where(finite, jnp.asarray(out.weight, jnp.float32), 0.0)
@@ -64,7 +64,11 @@ def _round_body(
         contribution = alg.aggregator.prepare(update, weight, agg_state)
         metrics = {k: jnp.where(finite, v, 0.0) for k, v in out.metrics.items()}
         metrics["dropped_clients"] = 1.0 - finite.astype(jnp.float32)
-        new_state = optax.tree.where(finite, out.state, client_state) if has_client_state else ()
+        # A dropped client, or a padding slot (cohort weight 0), keeps its old per-client state.
+        keep_new = finite & (jnp.asarray(weight_in) > 0)
+        new_state = (
+            optax.tree.where(keep_new, out.state, client_state) if has_client_state else ()
+        )
         to_sum = ((), metrics) if stack else (contribution, metrics)
         to_stack = (contribution if stack else (), new_state)
         return to_sum, to_stack
@@ -124,7 +128,9 @@ def _check_state(state: Any) -> None:
 
 def _check_state_matches(alg: FederatedAlgorithm, state: ServerState) -> None:
     """The state must be what ``alg.init(state.params)`` builds (same trees, shapes, dtypes)."""
-    expected = jax.eval_shape(alg.init, state.params)
+    leaves = jax.tree.leaves(state.client_states)
+    num_clients = leaves[0].shape[0] if leaves else None
+    expected = jax.eval_shape(lambda p: alg.init(p, num_clients=num_clients), state.params)
     for field in ("opt_state", "aggregator_state"):
         problem = tree_lib.structure_mismatch(getattr(expected, field), getattr(state, field))
         if problem:

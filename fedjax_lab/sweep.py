@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab import rounds as rounds_lib
-from fedjax_lab._types import ClientMap, FederatedAlgorithm, Params, PRNGKey
+from fedjax_lab._types import ClientMap, ClientSampler, FederatedAlgorithm, Params, PRNGKey
 from fedjax_lab.data._federated import FederatedData
 
 __all__ = ["grid", "run_sweep_config", "sweep"]
@@ -49,12 +49,13 @@ def grid(**axes: Sequence[float]) -> list[dict[str, float]]:
 def _sweep_program(hparams, seeds, arrays, *, make_algorithm, init_params, client_map,
                    config_map, static):
     static = dict(static)
+    num_clients = arrays["offsets"].shape[0] - 1
 
     def one(args):
         hp, seed = args
         alg = make_algorithm(**hp)
         init_key, run_key = jax.random.split(jax.random.key(seed))
-        state = alg.init(init_params(init_key))
+        state = alg.init(init_params(init_key), num_clients=num_clients)
         state = rounds_lib.init_sampler_state(state, static["sampler"], arrays["offsets"])
         state, hist = rounds_lib._run_rounds_impl(
             alg, client_map, state, key=run_key, **arrays, **static
@@ -79,6 +80,7 @@ def sweep(
     local_steps: int | None = None,
     epochs: int = 1,
     client_map: ClientMap | None = None,
+    sampler: ClientSampler | None = None,
     eval_fn: Callable | None = None,
     eval_data: FederatedData | None = None,
     eval_batch_size: int = 256,
@@ -101,7 +103,7 @@ def sweep(
       init_params: ``init_params(key) -> params`` (e.g. ``model.init``).
       train_data: the population.
       seeds: seeds; every configuration runs once per seed.
-      num_rounds, cohort_size, batch_size, local_steps, epochs, client_map: as in
+      num_rounds, cohort_size, batch_size, local_steps, epochs, client_map, sampler: as in
         :func:`fedjax_lab.run_rounds`.
       eval_fn, eval_data, eval_batch_size: final evaluation (after the last round).
       config_map: ``"vmap"`` (all configurations at once: GPU/TPU), ``"map"`` (one after the
@@ -149,7 +151,7 @@ def sweep(
         local_steps=local_steps,
         epochs=epochs,
         weighting="num_examples",
-        sampler=None,
+        sampler=sampler,
         eval_fn=eval_fn,
         eval_data=eval_data,
         eval_every=num_rounds,
@@ -255,6 +257,7 @@ def run_sweep_config(
         local_steps=training.get("local_steps"),
         epochs=training["epochs"],
         client_map=experiment.client_map,
+        sampler=experiment.sampler,
         eval_fn=experiment.eval_fn,
         eval_data=experiment.test,
         eval_batch_size=cfg["evaluation"]["batch_size"],

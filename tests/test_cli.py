@@ -1,4 +1,4 @@
-"""The fedjax-lab command: configs fail early, runs write their files, a killed run resumes exactly."""
+"""fedjax-lab: configs fail early, runs write their files, a killed run resumes exactly."""
 
 from __future__ import annotations
 
@@ -105,7 +105,8 @@ def test_run_writes_metrics_summary_and_plots_and_refuses_to_overwrite(tmp_path)
     res = _run(["run", str(cfg), "--out", str(out), "--no-progress"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "fedadam" in res.stdout and "test acc" in res.stdout
-    rows = [json.loads(line) for line in (out / "fedadam" / "metrics.jsonl").read_text().splitlines()]
+    lines = (out / "fedadam" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert all("test_accuracy" in r for r in rows if r["round"] % 2 == 0)
     summary = json.loads((out / "summary.json").read_text())
@@ -155,7 +156,8 @@ def test_killed_run_resumes_to_the_same_params(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads((out / "summary.json").read_text())["runs"]["fedadam"]["params_sha256"]
     assert got == want
-    rows = [json.loads(line) for line in (out / "fedadam" / "metrics.jsonl").read_text().splitlines()]
+    lines = (out / "fedadam" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     assert [r["round"] for r in rows] == list(range(1, rounds + 1))
 
 

@@ -94,12 +94,16 @@ def _check_01(nb, text: str) -> None:
 
 def _check_02(nb, text: str) -> None:
     assert "trimmed mean: 2.5 (expected 2.5)" in text
-    accs = dict(re.findall(r"^(.+?)\s+final test accuracy " + NUMBER, text, re.M))
-    assert len(accs) == 6, text
-    assert all(0.0 <= float(v) <= 1.0 for v in accs.values()), accs
+    accs = {k: float(v) for k, v in
+            re.findall(r"^(.+?)\s+final test accuracy " + NUMBER, text, re.M)}
+    assert sorted(accs) == ["FedAvg", "FedAvg, attacked", "clip + trimmed mean",
+                            "clip + trimmed mean, attacked"], text
+    assert all(0.0 <= v <= 1.0 for v in accs.values()), accs
+    # The notebook's point: the attack wrecks FedAvg, the trimmed mean resists it.
+    assert accs["FedAvg, attacked"] < accs["clip + trimmed mean, attacked"], accs
     m = re.search(r"run_round on a hand-made cohort: round (\d+), train loss " + NUMBER, text)
     assert m and int(m.group(1)) == 1 and math.isfinite(float(m.group(2))), text
-    (diff,) = _numbers(r"max \|sequential - vmap\| over the new params: {N}", text)
+    (diff,) = _numbers(r"max \|auto\(\) - vmap\(\)\| over the new params: {N}", text)
     assert diff < 1e-4
     assert _num_images(nb) >= 1
 

@@ -144,7 +144,8 @@ _FEDAVG = fl.algorithms.fed_avg(loss_fn, optax.sgd(0.1))
 def test_run_rounds_with_each_sampler(sampler):
     state, hist = fl.run_rounds(
         _FEDAVG, _FEDAVG.init(init_params()), _DATA, jax.random.key(0), num_rounds=6,
-        cohort_size=4, batch_size=4, local_steps=1, sampler=sampler, client_map=fl.maps.sequential(),
+        cohort_size=4, batch_size=4, local_steps=1, sampler=sampler,
+        client_map=fl.maps.sequential(),
     )
     assert int(state.round) == 6
     avail = np.asarray(hist["available_clients"])

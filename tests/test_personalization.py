@@ -97,14 +97,21 @@ def test_ditto_global_model_is_fedavg():
 
 def test_ditto_lambda_pulls_personal_to_global():
     def dist(lam):
-        alg = ditto_lib.ditto(loss_fn, optax.sgd(0.1), lam=lam)
-        state = _one_client_rounds(alg, rounds=3, steps=6)
-        v = jax.tree.map(lambda a: a[1], ditto_lib.personal_params(state))
-        return _params_distance(v, state.params)
+        alg = ditto_lib.ditto(loss_fn, optax.sgd(0.1), lam=lam,
+                              personal_optimizer=optax.sgd(0.02))
+        ch = cohort(num_clients=3, steps=4)
+        state = alg.init(init_params(), num_clients=3)
+        for _ in range(3):
+            anchor = state.params  # the personal models are pulled to the round's start model
+            state, _ = fl.run_round(alg, state, ch, KEY, client_map=fl.maps.sequential())
+        v = ditto_lib.personal_params(state)
+        return float(np.mean([
+            _params_distance(jax.tree.map(lambda a, i=i: a[i], v), anchor) for i in range(3)
+        ]))
 
-    d0, d1, d8 = dist(0.0), dist(1.0), dist(8.0)
-    assert d8 < d1 < d0
-    assert d8 < 0.2 * d0
+    d0, d5, d50 = dist(0.0), dist(5.0), dist(50.0)  # η_p λ = 1 at λ = 50
+    assert d50 < d5 < d0
+    assert d50 < 0.2 * d0 and d50 < 0.05  # fixed point: ||v - w|| ≈ ||∇F(v)|| / λ
 
 
 def test_ditto_lambda_zero_is_local_training():
@@ -310,6 +317,8 @@ def test_sequential_equals_vmap(name):
 
 
 def test_registry_names():
+    import fedjax_lab.algorithms.fedau  # noqa: F401
+    import fedjax_lab.algorithms.feddisco  # noqa: F401
     from fedjax_lab.algorithms._registry import REGISTRY
 
     for name in ("fedau", "feddisco", "ditto", "pfedme", "fedrep", "fedper", "perfedavg", "qffl"):

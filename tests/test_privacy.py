@@ -73,10 +73,10 @@ def test_bad_layer_budget_is_rejected():
 def test_noise_std_matches_z_times_c_over_denominator(denominator):
     z, c, slots = 1.3, 0.7, 5.0
     agg = privacy.dp_aggregator(z, c, expected_cohort_size=denominator)
-    params = {"w": jnp.zeros((40,))}
+    params = {"w": jnp.zeros((400,))}
     state = agg.init(params)
-    summed = ({"w": jnp.zeros((40,))}, jnp.float32(3.0), jnp.float32(0.0), jnp.float32(slots))
-    keys = jax.random.split(jax.random.key(3), 2000)
+    summed = ({"w": jnp.zeros((400,))}, jnp.float32(3.0), jnp.float32(0.0), jnp.float32(slots))
+    keys = jax.random.split(jax.random.key(3), 200)
     out = jax.vmap(lambda k: agg.finalize(summed, state, k)[0]["w"])(keys)
     m = slots if denominator is None else denominator
     expected = z * c / m
@@ -127,8 +127,8 @@ def test_epsilon_uniform_sampling_uses_replace_one_rdp():
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_noise_multiplier_for_round_trips(accountant):
-    q, rounds, delta, target = 0.05, 200, 1e-5, 3.0
-    z = privacy.noise_multiplier_for(target, q, rounds, delta, accountant=accountant)
+    q, rounds, delta, target = 0.05, 50, 1e-5, 3.0
+    z = privacy.noise_multiplier_for(target, q, rounds, delta, accountant=accountant, tol=1e-3)
     eps = privacy.epsilon(z, q, rounds, delta, accountant=accountant)
     assert eps <= target * (1 + 1e-6)
     assert eps == pytest.approx(target, rel=0.01)

@@ -139,7 +139,7 @@ SO_TRAIN = {
     "00000012": [b"how to sort a list in python", b"sort a list", b""],
     "00000003": [b"python list comprehension", b"a b c d e f g h i j k l"],
     "00000100": [],  # no sentence: dropped
-    "00000007": ["the list is empty".encode()],
+    "00000007": [b"the list is empty"],
 }
 SO_TEST = {"00000001": [b"sort the list in python", b"zebra list"]}
 

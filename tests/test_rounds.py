@@ -244,10 +244,13 @@ def test_registry_builds_and_runs_every_algorithm():
         fl.algorithms.REGISTRY
     )
     c = cohort(num_clients=2, steps=1, batch=3)
+    # Hyper-parameters that cannot be defaulted: FedDisco's label count, and q-FFL's Lipschitz
+    # estimate 1/lr, which cannot be read back from an arbitrary optax client optimiser.
+    required = {"feddisco": {"num_classes": 3}, "qffl": {"lipschitz": 10.0}}
     for name, factory in fl.algorithms.REGISTRY.items():
-        alg = factory(loss_fn, client_optimizer=optax.sgd(0.1))
-        state, metrics = fl.run_round(alg, alg.init(init_params()), c, KEY,
-                                      client_map=fl.maps.vmap())
+        alg = factory(loss_fn, client_optimizer=optax.sgd(0.1), **required.get(name, {}))
+        state0 = alg.init(init_params(), num_clients=4)
+        state, metrics = fl.run_round(alg, state0, c, KEY, client_map=fl.maps.vmap())
         assert int(state.round) == 1, name
         assert float(metrics["round_skipped"]) == 0.0, name
         assert np.isfinite(float(metrics["train_loss"])), name

@@ -22,7 +22,8 @@ def init(key):
     """Initial params drawn from the run's init key (so seeds give different starts)."""
     base = init_params()
     keys = jax.random.split(key, len(jax.tree.leaves(base)))
-    leaves = [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, jax.tree.leaves(base))]
+    shapes = [x.shape for x in jax.tree.leaves(base)]
+    leaves = [0.1 * jax.random.normal(k, s) for k, s in zip(keys, shapes, strict=True)]
     return jax.tree.unflatten(jax.tree.structure(base), leaves)
 
 

@@ -6,11 +6,26 @@ hyper-parameter has the paper's default.
 """
 
 from fedjax_lab.algorithms._registry import REGISTRY, register
+from fedjax_lab.algorithms.ditto import ditto
+from fedjax_lab.algorithms.fedau import fed_au
 from fedjax_lab.algorithms.fedavg import fed_adagrad, fed_adam, fed_avg, fed_avgm, fed_opt, fed_yogi
+from fedjax_lab.algorithms.feddisco import fed_disco
 from fedjax_lab.algorithms.fedprox import fed_prox
+from fedjax_lab.algorithms.partial import fed_per, fed_rep
+from fedjax_lab.algorithms.perfedavg import per_fedavg
+from fedjax_lab.algorithms.pfedme import pfedme
+from fedjax_lab.algorithms.qffl import q_fedavg
 
 __all__ = [
     "REGISTRY",
+    "ditto",
+    "fed_au",
+    "fed_disco",
+    "fed_per",
+    "fed_rep",
+    "per_fedavg",
+    "pfedme",
+    "q_fedavg",
     "fed_adagrad",
     "fed_adam",
     "fed_avg",

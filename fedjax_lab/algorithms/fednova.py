@@ -38,9 +38,9 @@ def normalizing_constant(num_steps: jax.Array, momentum: float = 0.0) -> jax.Arr
       (3.0, 4.25)
     """
     tau = jnp.asarray(num_steps, jnp.float32)
-    if momentum == 0.0:
+    if isinstance(momentum, (int, float)) and momentum == 0:
         return tau
-    rho = momentum
+    rho = momentum  # may be a traced value (sweeps); rho = 0 also gives tau here
     return (tau - rho * (1.0 - rho**tau) / (1.0 - rho)) / (1.0 - rho)
 
 
@@ -100,14 +100,15 @@ def fed_nova(
       >>> cohort = fl.Cohort({"x": jnp.ones((2, 2, 1, 1)), "y": jnp.ones((2, 2, 1)),
       ...                     "mask": mask}, jnp.ones(2), jnp.arange(2))
       >>> state, _ = fl.run_round(alg, alg.init(jnp.zeros(1)), cohort, jax.random.key(0))
-      >>> round(float(state.params[0]), 4)  # FedAvg would give (0.36 + 0.2) / 2 = 0.28
-      0.27
+      >>> round(float(state.params[0]), 4)  # 1.5 * (0.36/2 + 0.2/1) / 2; FedAvg: 0.28
+      0.285
     """
     _check_loss_fn(loss_fn)
-    if not 0.0 <= momentum < 1.0:
+    concrete = isinstance(momentum, (int, float))
+    if concrete and not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum: the local momentum ρ must be in [0, 1), got {momentum!r}.")
     optimizer = _client_optimizer(client_optimizer)
-    if momentum > 0:
+    if not (concrete and momentum == 0):
         optimizer = optax.chain(optax.trace(decay=momentum), optimizer)
     server_optimizer = server_lib.fed_sgd(server_learning_rate)
     aggregator = aggregators_lib.weighted_mean()

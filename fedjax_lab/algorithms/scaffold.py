@@ -217,9 +217,9 @@ def scaffold(
       ...                     "mask": jnp.ones((1, 2, 2))}, jnp.ones(1), jnp.array([1]))
       >>> state, _ = fl.run_round(alg, state, cohort, jax.random.key(0))
       >>> [round(v, 3) for v in state.client_states[:, 0].tolist()]  # c_1 moved, c_0, c_2 not
-      [0.0, -1.2, 0.0]
+      [0.0, -1.6, 0.0]
       >>> round(float(state.extra[0]), 3)  # c = mean_i c_i
-      -0.4
+      -0.533
     """
     _check_loss_fn(loss_fn)
     if client_optimizer is not None and client_learning_rate is not None:

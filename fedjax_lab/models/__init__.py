@@ -22,6 +22,7 @@ from fedjax_lab.models._core import (
     from_flax,
     from_nnx,
 )
+from fedjax_lab.models.text import word_lstm
 from fedjax_lab.models.zoo import (
     Conv2D,
     char_lstm,
@@ -47,5 +48,6 @@ __all__ = [
     "mlp",
     "num_params",
     "resnet",
+    "word_lstm",
     "resolve_conv",
 ]
