@@ -15,8 +15,25 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab._types import Aggregator, PyTree
+from fedjax_lab.robust import (
+    centered_clipping,
+    coordinate_median,
+    geometric_median,
+    krum,
+    multi_krum,
+    trimmed_mean,
+)
 
-__all__ = ["Aggregator", "weighted_mean"]
+__all__ = [
+    "Aggregator",
+    "centered_clipping",
+    "coordinate_median",
+    "geometric_median",
+    "krum",
+    "multi_krum",
+    "trimmed_mean",
+    "weighted_mean",
+]
 
 
 def weighted_mean() -> Aggregator:

@@ -12,11 +12,10 @@ import math
 import re
 from pathlib import Path
 
+import ipykernel  # noqa: F401  (the test extra installs all three; missing one = failure)
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["01_quickstart", "02_custom_algorithm", "03_sweeps"]

@@ -7,8 +7,10 @@ hyper-parameter has the paper's default.
 
 from fedjax_lab.algorithms._registry import REGISTRY, register
 from fedjax_lab.algorithms.ditto import ditto
+from fedjax_lab.algorithms.dp_fedavg import dp_fed_avg
 from fedjax_lab.algorithms.fedau import fed_au
 from fedjax_lab.algorithms.fedavg import fed_adagrad, fed_adam, fed_avg, fed_avgm, fed_opt, fed_yogi
+from fedjax_lab.algorithms.fedbuff import fed_buff
 from fedjax_lab.algorithms.feddisco import fed_disco
 from fedjax_lab.algorithms.fedprox import fed_prox
 from fedjax_lab.algorithms.partial import fed_per, fed_rep
@@ -19,6 +21,8 @@ from fedjax_lab.algorithms.qffl import q_fedavg
 __all__ = [
     "REGISTRY",
     "ditto",
+    "dp_fed_avg",
+    "fed_buff",
     "fed_au",
     "fed_disco",
     "fed_per",
