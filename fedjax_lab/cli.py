@@ -228,15 +228,14 @@ def _plots(out: Path, results: dict[str, dict[str, Any]]) -> list[str]:
 
 def _table(results: dict[str, dict[str, Any]]) -> str:
     head = (f"{'algorithm':<14}{'test acc':>9}{'client p10':>11}{'client mean':>12}"
-            f"{'train loss':>11}{'s/round':>9}")
+            f"{'train loss':>11}{'wall s':>8}")
     lines = [head, "-" * len(head)]
     for label, res in results.items():
         s = res["summary"]
-        per_round = s["wall_time_s"] / max(1, s["rounds"])
         loss = s["final_train_loss"] if s["final_train_loss"] is not None else float("nan")
         lines.append(
             f"{label:<14}{s['test_accuracy']:>9.4f}{s['client_accuracy_p10']:>11.4f}"
-            f"{s['client_accuracy_mean']:>12.4f}{loss:>11.4f}{per_round:>9.4f}"
+            f"{s['client_accuracy_mean']:>12.4f}{loss:>11.4f}{s['wall_time_s']:>8.1f}"
         )
     return "\n".join(lines)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,12 +12,17 @@ import pytest
 from _problems import assert_trees_close, cohort, init_params, loss_fn, population
 
 import fedjax_lab as fl
-from fedjax_lab.algorithms import ditto as ditto_lib
-from fedjax_lab.algorithms import partial as partial_lib
-from fedjax_lab.algorithms import pfedme as pfedme_lib
+import fedjax_lab.algorithms.ditto
+import fedjax_lab.algorithms.partial
+import fedjax_lab.algorithms.pfedme
 from fedjax_lab.algorithms.perfedavg import per_fedavg
 from fedjax_lab.algorithms.qffl import q_fedavg, qffl_terms
 from fedjax_lab.personalization import evaluate_personalized, fine_tune_evaluate, stack_clients
+
+# The package re-exports functions under the module names, so take the modules themselves.
+ditto_lib = sys.modules["fedjax_lab.algorithms.ditto"]
+partial_lib = sys.modules["fedjax_lab.algorithms.partial"]
+pfedme_lib = sys.modules["fedjax_lab.algorithms.pfedme"]
 
 KEY = jax.random.key(0)
 MODEL = fl.models.logistic_regression((4,), 3)
