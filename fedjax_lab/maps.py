@@ -52,6 +52,15 @@ def _add(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(jnp.add, a, b)
 
 
+def _with_tail(head, tail):
+    """Combines the ``(summed, stacked)`` of a cohort's head with those of its tail."""
+    if head is None:
+        return tail
+    summed = _add(head[0], tail[0])
+    stacked = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head[1], tail[1])
+    return summed, stacked
+
+
 def _zeros_varying_like(shapes: PyTree, xs: PyTree) -> PyTree:
     """Zeros of ``shapes`` that vary over the same mesh axes as the data ``xs``.
 
@@ -162,13 +171,8 @@ def chunked(size: int) -> ClientMap:
 
             summed, stacked = jax.lax.scan(body, _zeros_varying_like(sum_shapes, xs), chunks)
             stacked = jax.tree.map(lambda a: a.reshape((n_chunks * size,) + a.shape[2:]), stacked)
-        if rest:
-            s_tail, t_tail = inner.apply(fn, shared, tail)
-            if summed is None:
-                return s_tail, t_tail
-            summed = _add(summed, s_tail)
-            stacked = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stacked, t_tail)
-        return summed, stacked
+        head_out = None if summed is None else (summed, stacked)
+        return _with_tail(head_out, inner.apply(fn, shared, tail)) if rest else head_out
 
     return ClientMap(apply, f"chunked({size})")
 
@@ -202,14 +206,11 @@ def _sharded(inner: ClientMap, devices: tuple | None) -> ClientMap:
                 in_specs=(PartitionSpec(), PartitionSpec(_AXIS)),
                 out_specs=(PartitionSpec(), PartitionSpec(_AXIS)),
             )(shared, head)
+        head_out = None if summed is None else (summed, stacked)
         if main < c:
             tail = jax.tree.map(lambda a: a[main:], xs)
-            s_tail, t_tail = inner.apply(fn, shared, tail)
-            if summed is None:
-                return s_tail, t_tail
-            summed = _add(summed, s_tail)
-            stacked = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stacked, t_tail)
-        return summed, stacked
+            return _with_tail(head_out, inner.apply(fn, shared, tail))
+        return head_out
 
     names = "local devices" if devices is None else f"{len(devices)} devices"
     return ClientMap(apply, f"sharded({inner.name}, {names})")

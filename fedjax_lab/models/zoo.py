@@ -341,20 +341,9 @@ def resnet(
     stride 1, see :func:`fedjax_lab.models.conv2d`); a 1x1 projection matches channels on the
     shortcut. GroupNorm with 2 groups follows Hsieh et al. / Reddi et al.'s CIFAR ResNet.
 
-    ``conv="auto"`` (the default) is ``"canonical_vjp"`` on CPU and ``"lax"`` on GPU/TPU
-    (:func:`fedjax_lab.models.resolve_conv`). Measured with
-    ``experiments/benchmarks/conv_formulations.py`` on the 2-core XLA:CPU machine of
-    DESIGN.md §5 (jax 0.10.2; EMNIST CNN, batch 20, 10 local SGD steps, 8 clients;
-    examples/s, one shared, noisy machine)::
+    ``conv="auto"`` (the default) is ``"canonical_vjp"`` on CPU and ``"lax"`` on GPU/TPU, for
+    the reasons and measurements given in :func:`cnn`.
 
-      formulation    python loop  scan+lax.map  unrolled+lax.map  scan+vmap
-      lax                    496            37                44         19
-      patches                175           526               505        506
-      canonical_vjp         1004           730               711        404
-
-    The engine's CPU context is a ``lax.scan`` over local steps under ``lax.map`` over
-    clients, where ``canonical_vjp`` is 20x faster than ``lax``. On GPU, cuDNN has no such
-    loop-body slow path and plain ``lax`` is the safe choice.
     Args:
       num_classes: number of classes (100 for CIFAR-100).
       input_shape: shape of one example ``(H, W, C)``.
