@@ -11,13 +11,18 @@ maps give the same result up to float summation order:
                 path on CPU.
 ``chunked(n)``  a scan over chunks of ``n`` vmapped clients, running sum: memory bounded by
                 ``n`` clients whatever the cohort.
-``sharded(m)``  ``shard_map`` over a 1-D mesh of the local devices, map ``m`` on each device,
-                ``psum`` of the sums.
+``sharded(m)``  ``shard_map`` over a 1-D mesh of all devices (every process's, under
+                ``jax.distributed``), map ``m`` on each device, ``psum`` of the sums.
 ``auto()``      picks one of the above per backend, device count and cohort (see :func:`choose`).
 ==============  ==============================================================================
 
 Factories are cached, so ``chunked(8) is chunked(8)`` and a jitted round is not recompiled for
 an equal map.
+
+Several processes (``fl.distributed.initialize``, one program on every host, DESIGN §6): the mesh
+of ``sharded`` spans every process's devices, host inputs (NumPy or single-device arrays) must
+hold the same values on every process and are taken as replicated, and every output of the map
+is replicated, so each process can read it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedjax_lab._types import ClientMap, PyTree
 
@@ -180,7 +185,8 @@ def chunked(size: int) -> ClientMap:
 @functools.cache
 def _sharded(inner: ClientMap, devices: tuple | None) -> ClientMap:
     def apply(fn: Callable, shared: PyTree, xs: PyTree) -> tuple[PyTree, PyTree]:
-        devs = list(devices) if devices is not None else jax.local_devices()
+        # jax.devices() is every process's devices (the local ones in a single process).
+        devs = list(devices) if devices is not None else jax.devices()
         n_dev = len(devs)
         c = _cohort_size(xs)
         if n_dev == 1:
@@ -206,13 +212,19 @@ def _sharded(inner: ClientMap, devices: tuple | None) -> ClientMap:
                 in_specs=(PartitionSpec(), PartitionSpec(_AXIS)),
                 out_specs=(PartitionSpec(), PartitionSpec(_AXIS)),
             )(shared, head)
+            if any(d.process_index != jax.process_index() for d in devs):
+                # Across processes a clients-sharded output would be readable only in parts on
+                # each process; replicate it (the engine gathers it anyway: robust aggregators,
+                # per-client state tables).
+                replicated = NamedSharding(mesh, PartitionSpec())
+                stacked = jax.lax.with_sharding_constraint(stacked, replicated)
         head_out = None if summed is None else (summed, stacked)
         if main < c:
             tail = jax.tree.map(lambda a: a[main:], xs)
             return _with_tail(head_out, inner.apply(fn, shared, tail))
         return head_out
 
-    names = "local devices" if devices is None else f"{len(devices)} devices"
+    names = "all devices" if devices is None else f"{len(devices)} devices"
     return ClientMap(apply, f"sharded({inner.name}, {names})")
 
 
@@ -227,10 +239,19 @@ def sharded(inner: ClientMap | None = None, devices: Sequence | None = None) -> 
     On a CPU host, ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (set before JAX starts)
     makes N host devices, one per core: measured ~2x throughput on 2 cores (DESIGN §5).
 
+    Several processes (after :func:`fedjax_lab.distributed.initialize`, the same program on
+    every process): the mesh holds every process's devices, in ``jax.devices()`` order, so the
+    clients are split across hosts and the ``psum`` crosses them. Host inputs (NumPy or
+    single-device arrays) must be the same on every process (same data, same seed); JAX takes
+    them as replicated. Every output is replicated, the stacked ones included (gathered over
+    the processes), so each process can read the new server state. Two processes of one CPU
+    device each give bit-identical results to one process of two devices (tested).
+
     Args:
       inner: the map each device runs over its clients (default :func:`sequential` on CPU,
         :func:`vmap` elsewhere).
-      devices: the devices to use (default ``jax.local_devices()``, read at trace time).
+      devices: the devices to use (default ``jax.devices()``, read at trace time: all local
+        devices in a single process, every process's devices under ``jax.distributed``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -255,10 +276,13 @@ def choose(
 
     * CPU: :func:`sequential` (per-client matmuls stay plain matmuls; ``vmap`` over diverging
       params was measured ~1.6x slower on these machines), wrapped in :func:`sharded` when
-      there are several local devices (one device per core doubled throughput).
+      there are several devices (one device per core doubled throughput).
     * GPU/TPU: :func:`vmap` (batched matmuls fill the accelerator) up to 1,024 clients a round,
       :func:`chunked` of 256 above that so activation memory stays bounded, wrapped in
-      :func:`sharded` when there are several local devices.
+      :func:`sharded` when there are several devices.
+
+    ``num_devices`` defaults to ``jax.device_count()``: every process's devices, so several
+    processes of one device each are sharded too.
 
     Example:
       >>> choose(100, backend="cpu", num_devices=1).name
@@ -267,7 +291,7 @@ def choose(
       'chunked(256)'
     """
     backend = backend or jax.default_backend()
-    num_devices = num_devices or jax.local_device_count()
+    num_devices = num_devices or jax.device_count()
     if backend == "cpu":
         inner = sequential()
     else:
@@ -279,7 +303,7 @@ def choose(
 
 @functools.cache
 def auto() -> ClientMap:
-    """Chooses the map at trace time from the backend, local devices and cohort size.
+    """Chooses the map at trace time from the backend, device count and cohort size.
 
     See :func:`choose` for the rule and the measurements behind it.
 

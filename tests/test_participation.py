@@ -143,8 +143,15 @@ _FEDAVG = fl.algorithms.fed_avg(loss_fn, optax.sgd(0.1))
 )
 def test_run_rounds_with_each_sampler(sampler):
     state, hist = fl.run_rounds(
-        _FEDAVG, _FEDAVG.init(init_params()), _DATA, jax.random.key(0), num_rounds=6,
-        cohort_size=4, batch_size=4, local_steps=1, sampler=sampler,
+        _FEDAVG,
+        _FEDAVG.init(init_params()),
+        _DATA,
+        jax.random.key(0),
+        num_rounds=6,
+        cohort_size=4,
+        batch_size=4,
+        local_steps=1,
+        sampler=sampler,
         client_map=fl.maps.sequential(),
     )
     assert int(state.round) == 6
@@ -159,8 +166,15 @@ def test_run_rounds_with_each_sampler(sampler):
 
 def test_dropout_forever_everyone_leaves_then_rounds_skip():
     state, hist = fl.run_rounds(
-        _FEDAVG, _FEDAVG.init(init_params()), _DATA, jax.random.key(0), num_rounds=3,
-        cohort_size=4, batch_size=4, local_steps=1, sampler=part.dropout_forever(1.0),
+        _FEDAVG,
+        _FEDAVG.init(init_params()),
+        _DATA,
+        jax.random.key(0),
+        num_rounds=3,
+        cohort_size=4,
+        batch_size=4,
+        local_steps=1,
+        sampler=part.dropout_forever(1.0),
         client_map=fl.maps.sequential(),
     )
     np.testing.assert_array_equal(np.asarray(hist["round_skipped"]), [0.0, 1.0, 1.0])
@@ -209,9 +223,17 @@ def test_fedau_weights_converge_to_inverse_participation():
     probs = np.array([0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0])
     alg = fed_au(loss_fn, optax.sgd(0.05), cutoff=50)
     state, hist = fl.run_rounds(
-        alg, alg.init(init_params(), num_clients=n), _DATA, jax.random.key(1), num_rounds=800,
-        cohort_size=n, batch_size=2, local_steps=1, sampler=part.bernoulli(probs),
-        weighting="uniform", client_map=fl.maps.sequential(),
+        alg,
+        alg.init(init_params(), num_clients=n),
+        _DATA,
+        jax.random.key(1),
+        num_rounds=800,
+        cohort_size=n,
+        batch_size=2,
+        local_steps=1,
+        sampler=part.bernoulli(probs),
+        weighting="uniform",
+        client_map=fl.maps.sequential(),
     )
     omega = np.asarray(state.client_states.mean)
     np.testing.assert_allclose(omega, 1.0 / probs, rtol=0.15)
@@ -280,10 +302,12 @@ def test_disco_weight_formula_matches_numpy():
     # the aggregator normalises the scores and mixes the stacked deltas with them
     deltas = rng.normal(size=(6, 3)).astype(np.float32)
     agg = discrepancy_aggregator(a, b)
-    out, total, _ = agg.finalize(((jnp.asarray(deltas), jnp.asarray(d_l2)), jnp.asarray(sizes)),
-                                 (), jax.random.key(0))
-    np.testing.assert_allclose(np.asarray(out), (score / score.sum()) @ deltas, rtol=1e-5,
-                               atol=1e-6)
+    out, total, _ = agg.finalize(
+        ((jnp.asarray(deltas), jnp.asarray(d_l2)), jnp.asarray(sizes)), (), jax.random.key(0)
+    )
+    np.testing.assert_allclose(
+        np.asarray(out), (score / score.sum()) @ deltas, rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(float(total), score.sum(), rtol=1e-5)
 
 
@@ -334,3 +358,10 @@ def test_sequential_equals_vmap(make, per_client):
         outs.append(state)
     assert_trees_close(outs[0].params, outs[1].params)
     assert_trees_close(outs[0].client_states, outs[1].client_states)
+
+
+def test_feddisco_histogram_counts_every_position_of_sequence_labels():
+    """Sequence labels [S, B, T]: a real example counts each of its T labels; padding none."""
+    y = jnp.array([[[0, 1, 1], [2, 2, 2]]])  # S=1, B=2, T=3
+    counts = label_histogram({"y": y, "mask": jnp.array([[1.0, 0.0]])}, 3)
+    np.testing.assert_array_equal(np.asarray(counts), [1.0, 2.0, 0.0])

@@ -42,8 +42,9 @@ def test_fine_tune_evaluate_equals_full_batch_gd_per_client():
     train = population(sizes=(n,) * 5, seed=1)
     test = population(sizes=(4, 2, 5, 3, 1), seed=2)
     params = MODEL.init(jax.random.key(3))
-    out = fine_tune_evaluate(MODEL_LOSS, EVAL_FN, optax.sgd(lr), params, train, test,
-                             steps=steps, batch_size=n)
+    out = fine_tune_evaluate(
+        MODEL_LOSS, EVAL_FN, optax.sgd(lr), params, train, test, steps=steps, batch_size=n
+    )
     grad = jax.jit(jax.grad(MODEL_LOSS))
     for i in range(5):
         batch = dict(train.client(i), mask=jnp.ones(n))
@@ -52,10 +53,12 @@ def test_fine_tune_evaluate_equals_full_batch_gd_per_client():
             p = optax.apply_updates(p, jax.tree.map(lambda g: -lr * g, grad(p, batch, KEY)))
         ref = fl.evaluate(EVAL_FN, p, test.select_clients([i]))
         glob = fl.evaluate(EVAL_FN, params, test.select_clients([i]))
-        np.testing.assert_allclose(out["personalized"]["client_loss"][i], ref["client_loss"][0],
-                                   rtol=1e-4)
-        np.testing.assert_allclose(out["global"]["client_loss"][i], glob["client_loss"][0],
-                                   rtol=1e-4)
+        np.testing.assert_allclose(
+            out["personalized"]["client_loss"][i], ref["client_loss"][0], rtol=1e-4
+        )
+        np.testing.assert_allclose(
+            out["global"]["client_loss"][i], glob["client_loss"][0], rtol=1e-4
+        )
     acc = out["personalized"]["client_accuracy"]
     assert out["personalized_accuracy_mean"] == pytest.approx(acc.mean())
     assert out["personalized_accuracy_p10"] == pytest.approx(np.percentile(acc, 10))
@@ -67,13 +70,16 @@ def test_evaluate_personalized_matches_per_client_evaluate():
     personal = jax.vmap(MODEL.init)(jax.random.split(jax.random.key(1), 4))
     out = evaluate_personalized(EVAL_FN, params, personal, test, batch_size=3)
     for i in range(4):
-        ref = fl.evaluate(EVAL_FN, jax.tree.map(lambda a, i=i: a[i], personal),
-                          test.select_clients([i]))
-        np.testing.assert_allclose(out["personalized"]["client_loss"][i], ref["client_loss"][0],
-                                   rtol=1e-5)
+        ref = fl.evaluate(
+            EVAL_FN, jax.tree.map(lambda a, i=i: a[i], personal), test.select_clients([i])
+        )
+        np.testing.assert_allclose(
+            out["personalized"]["client_loss"][i], ref["client_loss"][0], rtol=1e-5
+        )
     same = evaluate_personalized(EVAL_FN, params, stack_clients(params, 4), test)
-    np.testing.assert_allclose(same["global"]["client_loss"], same["personalized"]["client_loss"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        same["global"]["client_loss"], same["personalized"]["client_loss"], rtol=1e-6
+    )
     with pytest.raises(ValueError, match="personal_params"):
         evaluate_personalized(EVAL_FN, params, stack_clients(params, 3), test)
 
@@ -104,17 +110,18 @@ def test_ditto_global_model_is_fedavg():
 
 def test_ditto_lambda_pulls_personal_to_global():
     def dist(lam):
-        alg = ditto_lib.ditto(loss_fn, optax.sgd(0.1), lam=lam,
-                              personal_optimizer=optax.sgd(0.02))
+        alg = ditto_lib.ditto(loss_fn, optax.sgd(0.1), lam=lam, personal_optimizer=optax.sgd(0.02))
         ch = cohort(num_clients=3, steps=4)
         state = alg.init(init_params(), num_clients=3)
         for _ in range(3):
             anchor = state.params  # the personal models are pulled to the round's start model
             state, _ = fl.run_round(alg, state, ch, KEY, client_map=fl.maps.sequential())
         v = ditto_lib.personal_params(state)
-        return float(np.mean([
-            _params_distance(jax.tree.map(lambda a, i=i: a[i], v), anchor) for i in range(3)
-        ]))
+        return float(
+            np.mean(
+                [_params_distance(jax.tree.map(lambda a, i=i: a[i], v), anchor) for i in range(3)]
+            )
+        )
 
     d0, d5, d50 = dist(0.0), dist(5.0), dist(50.0)  # η_p λ = 1 at λ = 50
     assert d50 < d5 < d0
@@ -148,11 +155,15 @@ def test_pfedme_matches_numpy_transcription():
     x = rng.normal(size=(c, s, b, d)).astype(np.float32)
     y = rng.normal(size=(c, s, b)).astype(np.float32)
     weights = np.array([4.0, 8.0, 2.0], np.float32)
-    ch = fl.Cohort({"x": jnp.asarray(x), "y": jnp.asarray(y), "mask": jnp.ones((c, s, b))},
-                   jnp.asarray(weights), jnp.arange(c, dtype=jnp.int32))
+    ch = fl.Cohort(
+        {"x": jnp.asarray(x), "y": jnp.asarray(y), "mask": jnp.ones((c, s, b))},
+        jnp.asarray(weights),
+        jnp.arange(c, dtype=jnp.int32),
+    )
     lam, k, plr, eta, beta = 2.0, 3, 0.05, 0.1, 1.5
-    alg = pfedme_lib.pfedme(_lsq_loss, optax.sgd(eta), lam=lam, inner_steps=k,
-                            personal_learning_rate=plr, beta=beta)
+    alg = pfedme_lib.pfedme(
+        _lsq_loss, optax.sgd(eta), lam=lam, inner_steps=k, personal_learning_rate=plr, beta=beta
+    )
     w0 = np.array([0.1, -0.2, 0.3], np.float32)
     state, _ = fl.run_round(alg, alg.init(jnp.asarray(w0), num_clients=c), ch, KEY)
     deltas, thetas = [], []
@@ -166,10 +177,12 @@ def test_pfedme_matches_numpy_transcription():
         deltas.append(w0 - w)
         thetas.append(theta)
     p = weights / weights.sum()
-    np.testing.assert_allclose(np.asarray(state.params), w0 - beta * (p @ np.array(deltas)),
-                               rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(pfedme_lib.personal_params(state)), np.array(thetas),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(state.params), w0 - beta * (p @ np.array(deltas)), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(pfedme_lib.personal_params(state)), np.array(thetas), rtol=1e-4, atol=1e-6
+    )
 
 
 # ----------------------------------------------------------------------------- FedRep / FedPer
@@ -203,15 +216,16 @@ def test_fedrep_head_phase_leaves_body_to_body_phase():
     state, _ = fl.run_round(alg, alg.init(p0, num_clients=1), ch, KEY)
     batches = jax.tree.map(lambda a: a[0], ch.batches)
     twice = jax.tree.map(lambda a: jnp.concatenate([a, a]), batches)
-    head = local_training(lambda b_, bt, k: loss_fn({"w": p0["w"], "b": b_}, bt, k),
-                          optax.sgd(0.1))
+    head = local_training(lambda b_, bt, k: loss_fn({"w": p0["w"], "b": b_}, bt, k), optax.sgd(0.1))
     new_b = head(p0["b"], twice, KEY).params
     body = local_training(lambda w_, bt, k: loss_fn({"w": w_, "b": new_b}, bt, k), optax.sgd(0.1))
     new_w = body(p0["w"], batches, KEY).params
-    np.testing.assert_allclose(np.asarray(state.client_states[0][0]), np.asarray(new_b),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(state.params["w"]), np.asarray(new_w), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(state.client_states[0][0]), np.asarray(new_b), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(state.params["w"]), np.asarray(new_w), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_partial_mask_validation():
@@ -282,8 +296,16 @@ def test_qffl_larger_q_helps_the_worst_clients():
     worst = {}
     for q in (0.0, 5.0):
         alg = q_fedavg(lossf, optax.sgd(0.1), q=q, lipschitz=10.0)
-        state, _ = fl.run_rounds(alg, alg.init(model.init(KEY)), data, KEY, num_rounds=30,
-                                 cohort_size=10, batch_size=10, client_map=fl.maps.sequential())
+        state, _ = fl.run_rounds(
+            alg,
+            alg.init(model.init(KEY)),
+            data,
+            KEY,
+            num_rounds=30,
+            cohort_size=10,
+            batch_size=10,
+            client_map=fl.maps.sequential(),
+        )
         worst[q] = float(np.max(fl.evaluate(evalf, state.params, data)["client_loss"]))
     assert worst[5.0] < worst[0.0] - 0.02
 
@@ -299,8 +321,10 @@ def test_qffl_needs_lipschitz_with_custom_optimizer():
 _ALGS = {
     "ditto": (lambda: ditto_lib.ditto(loss_fn, optax.sgd(0.1), lam=0.5), True),
     "pfedme": (lambda: pfedme_lib.pfedme(loss_fn, optax.sgd(0.02), inner_steps=2), True),
-    "fedrep": (lambda: partial_lib.fed_rep(loss_fn, optax.sgd(0.1), head_epochs=2,
-                                           local_keys="b"), True),
+    "fedrep": (
+        lambda: partial_lib.fed_rep(loss_fn, optax.sgd(0.1), head_epochs=2, local_keys="b"),
+        True,
+    ),
     "fedper": (lambda: partial_lib.fed_per(loss_fn, optax.sgd(0.1), local_keys="b"), True),
     "perfedavg": (lambda: per_fedavg(loss_fn, optax.sgd(0.1), alpha=0.05), False),
     "qffl": (lambda: q_fedavg(loss_fn, optax.sgd(0.1), q=1.0, lipschitz=10.0), False),
@@ -330,3 +354,13 @@ def test_registry_names():
 
     for name in ("fedau", "feddisco", "ditto", "pfedme", "fedrep", "fedper", "perfedavg", "qffl"):
         assert name in REGISTRY
+
+
+def test_default_head_is_the_output_layer_of_a_char_lstm():
+    """Flax sorts top-level names; the head is the last Dense entry, not the LSTM cell."""
+    model = fl.models.char_lstm(vocab_size=5, embed=2, hidden=3, num_layers=1)
+    mask = partial_lib.resolve_global_mask(model.init(jax.random.key(0)))
+    assert not any(jax.tree.leaves(mask["Dense_0"]))
+    assert all(jax.tree.leaves(mask["OptimizedLSTMCell_0"])) and all(
+        jax.tree.leaves(mask["Embed_0"])
+    )

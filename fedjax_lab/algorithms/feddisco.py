@@ -35,7 +35,8 @@ def label_histogram(batches: dict[str, jax.Array], num_classes: int, label_key: 
     """Counts of each label among a client's real examples (``mask`` honoured).
 
     Args:
-      batches: ``[S, B]`` batches with integer labels ``batches[label_key]`` and ``mask``.
+      batches: ``[S, B]`` batches with integer labels ``batches[label_key]`` (``[S, B]``, or
+        ``[S, B, T]`` for sequences: every position counts) and ``mask`` ``[S, B]``.
       num_classes: number of classes ``K`` (static).
       label_key: where the labels are.
 
@@ -48,9 +49,11 @@ def label_histogram(batches: dict[str, jax.Array], num_classes: int, label_key: 
       >>> label_histogram(b, 3).tolist()
       [1.0, 0.0, 2.0]
     """
-    y = batches[label_key].reshape(-1)
-    m = batches["mask"].reshape(-1)
-    return jnp.sum(jax.nn.one_hot(y, num_classes) * m[:, None], axis=0)
+    y = batches[label_key]
+    mask = batches["mask"]
+    # Sequence labels ([S, B, T]): every position of a real example counts.
+    m = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (y.ndim - mask.ndim)), y.shape)
+    return jnp.sum(jax.nn.one_hot(y.reshape(-1), num_classes) * m.reshape(-1)[:, None], axis=0)
 
 
 def discrepancy(counts: jax.Array, target: jax.Array, metric: str = "l2") -> jax.Array:

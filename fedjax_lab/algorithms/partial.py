@@ -51,7 +51,10 @@ def _default_head(params: Params) -> PyTree:
         path.append(k)
         node = node[k]
     if isinstance(node, dict) and len(node) > 1:
-        head = max(node, key=_natural_key)
+        # Flax names layers by kind (Dense_0, Embed_0, OptimizedLSTMCell_0 ...), so the output
+        # layer is the last Dense one when there is one, else the last entry.
+        dense = [k for k in node if str(k).startswith("Dense")]
+        head = max(dense or list(node), key=_natural_key)
     elif isinstance(node, (list, tuple)) and len(node) > 1:
         head = len(node) - 1
     else:
@@ -78,8 +81,8 @@ def resolve_global_mask(
       global_mask: a pytree of booleans shaped like ``params``, or a function
         ``params -> such a pytree``, or ``None``.
       local_keys: alternatively, path substrings: a leaf whose path (``jax.tree_util.keystr``)
-        contains one of them is local. With neither, the last top-level entry (natural order)
-        of the params is local.
+        contains one of them is local. With neither, the head is local: the last top-level
+        ``Dense*`` entry (natural order), or the last top-level entry when none is ``Dense``.
 
     Returns:
       The mask pytree (Python bools).
