@@ -37,7 +37,7 @@ from fedjax_lab._types import (
 )
 from fedjax_lab.data import FederatedData, datasets, partition
 from fedjax_lab.metrics import evaluate
-from fedjax_lab.rounds import run_round, run_rounds
+from fedjax_lab.rounds import client_state_bytes, run_round, run_rounds
 from fedjax_lab.sweep import grid, sweep
 
 __version__ = "0.1.0"
@@ -57,6 +57,7 @@ __all__ = [
     "attacks",
     "checkpoint",
     "cli",
+    "client_state_bytes",
     "client",
     "compression",
     "data",

@@ -37,7 +37,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedjax_lab._types import ClientMap, PyTree
 
-__all__ = ["ClientMap", "auto", "choose", "chunked", "sequential", "sharded", "vmap"]
+__all__ = [
+    "ClientMap",
+    "auto",
+    "choose",
+    "chunked",
+    "sequential",
+    "sharded",
+    "state_sharding",
+    "vmap",
+]
 
 _AXIS = "clients"
 
@@ -225,7 +234,35 @@ def _sharded(inner: ClientMap, devices: tuple | None) -> ClientMap:
         return head_out
 
     names = "all devices" if devices is None else f"{len(devices)} devices"
-    return ClientMap(apply, f"sharded({inner.name}, {names})")
+    name = f"sharded({inner.name}, {names})"
+    _SHARDED_DEVICES[name] = devices
+    return ClientMap(apply, name)
+
+
+_SHARDED_DEVICES: dict[str, tuple | None] = {}
+
+
+def state_sharding(client_map: ClientMap, cohort_size: int) -> NamedSharding | None:
+    """Where a round's server state lives when ``client_map`` runs ``cohort_size`` clients.
+
+    A sharded round returns its server state replicated over the mesh; a state placed there
+    before the first round keeps every later round on the same compiled program (a state on
+    one device would make round 2 recompile for the new placement). ``None`` for maps that
+    run on one device.
+
+    Example:
+      >>> state_sharding(sequential(), 10) is None
+      True
+    """
+    if client_map is auto():
+        client_map = choose(cohort_size)
+    if client_map.name not in _SHARDED_DEVICES:
+        return None
+    devices = _SHARDED_DEVICES[client_map.name]
+    devs = list(devices) if devices is not None else jax.devices()
+    if len(devs) < 2 or cohort_size < len(devs):
+        return None
+    return NamedSharding(Mesh(np.array(devs), (_AXIS,)), PartitionSpec())
 
 
 def sharded(inner: ClientMap | None = None, devices: Sequence | None = None) -> ClientMap:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lab import _host_state
 from fedjax_lab import maps as maps_lib
 from fedjax_lab import tree as tree_lib
 from fedjax_lab._types import (
@@ -26,34 +27,41 @@ from fedjax_lab._types import (
 from fedjax_lab.data import sampling
 from fedjax_lab.data._federated import FederatedData
 
-__all__ = ["run_round", "run_rounds"]
+__all__ = ["client_state_bytes", "run_round", "run_rounds"]
 
 EvalFn = Callable[[PyTree, dict[str, jax.Array]], dict[str, jax.Array]]
 
 
-def _round_body(
+def _round_core(
     alg: FederatedAlgorithm,
     client_map: ClientMap,
     state: ServerState,
     cohort: Cohort,
+    cohort_states: PyTree,
     key: PRNGKey,
-) -> tuple[ServerState, dict[str, jax.Array]]:
-    """One round, traced: clients (mapped), aggregation, server update, safety checks."""
-    _check_state_matches(alg, state)  # at trace time: once per compile, before XLA runs
+    *,
+    client_view: PyTree = None,
+) -> tuple[ServerState, PyTree, dict[str, jax.Array]]:
+    """One round, traced, on the cohort's per-client states ``cohort_states`` (``[C, ...]``).
+
+    Returns ``(new_state, new_cohort_states, metrics)``; ``new_state.client_states`` is
+    ``state.client_states`` untouched (the caller writes ``new_cohort_states`` back). With
+    ``client_view`` (host-resident storage) ``state.client_states`` is ``()`` and the algorithm
+    sees ``client_view`` (shape-only placeholders) in its place.
+    """
+    alg_state = state if client_view is None else state._replace(client_states=client_view)
+    _check_state_matches(alg, alg_state)  # at trace time: once per compile, before XLA runs
     round_key = jax.random.fold_in(key, state.round)
     k_clients, k_agg, k_server = jax.random.split(round_key, 3)
     c = cohort.weights.shape[0]
     client_keys = jax.random.split(k_clients, c)
-    has_client_state = bool(jax.tree.leaves(state.client_states))
-    cohort_states = (
-        jax.tree.map(lambda a: a[cohort.client_ids], state.client_states)
-        if has_client_state
-        else ()
-    )
+    has_client_state = bool(jax.tree.leaves(cohort_states))
     stack = alg.aggregator.reduce == "stack"
 
     def one_client(shared, x):
         server_state, agg_state = shared
+        if client_view is not None:
+            server_state = server_state._replace(client_states=client_view)
         batches, weight_in, client_id, client_state, ckey = x
         out = alg.client_update(
             server_state, ClientInput(batches, weight_in, client_id, client_state), ckey
@@ -66,9 +74,7 @@ def _round_body(
         metrics["dropped_clients"] = 1.0 - finite.astype(jnp.float32)
         # A dropped client, or a padding slot (cohort weight 0), keeps its old per-client state.
         keep_new = finite & (jnp.asarray(weight_in) > 0)
-        new_state = (
-            optax.tree.where(keep_new, out.state, client_state) if has_client_state else ()
-        )
+        new_state = optax.tree.where(keep_new, out.state, client_state) if has_client_state else ()
         to_sum = ((), metrics) if stack else (contribution, metrics)
         to_stack = (contribution if stack else (), new_state)
         return to_sum, to_stack
@@ -80,20 +86,23 @@ def _round_body(
     aggregate, total_weight, agg_state = alg.aggregator.finalize(
         contributions, state.aggregator_state, k_agg
     )
-    new_state = alg.server_update(state, aggregate, k_server)
+    new_state = alg.server_update(alg_state, aggregate, k_server)
     new_state = new_state._replace(aggregator_state=agg_state)
-    if has_client_state:
-        new_state = new_state._replace(
-            client_states=jax.tree.map(
-                lambda a, s: a.at[cohort.client_ids].set(s),
-                state.client_states,
-                new_cohort_states,
-            )
-        )
-    # A round in which no client counted, or whose result is not finite, changes nothing.
+    # A round in which no client counted, or whose result is not finite, changes nothing
+    # (the per-client states included: the where runs on the cohort's rows, not on [N, ...]).
     applied = (total_weight > 0) & tree_lib.all_finite(new_state.params)
-    new_state = optax.tree.where(applied, new_state, state)
-    new_state = new_state._replace(round=state.round + 1)
+    new_state = optax.tree.where(
+        applied, new_state._replace(client_states=()), state._replace(client_states=())
+    )
+    new_state = new_state._replace(round=state.round + 1, client_states=state.client_states)
+    if has_client_state:
+        new_cohort_states = jax.tree.map(
+            lambda new, old: jax.lax.convert_element_type(jnp.where(applied, new, old), old.dtype),
+            new_cohort_states,
+            cohort_states,
+        )
+    else:
+        new_cohort_states = ()
 
     num_examples = metrics.get("num_examples", jnp.zeros(()))
     out = dict(metrics)
@@ -102,7 +111,34 @@ def _round_body(
     out["total_weight"] = total_weight
     out["round_skipped"] = 1.0 - applied.astype(jnp.float32)
     out["update_norm"] = tree_lib.global_norm(aggregate) * applied
-    return new_state, out
+    return new_state, new_cohort_states, out
+
+
+def _round_body(
+    alg: FederatedAlgorithm,
+    client_map: ClientMap,
+    state: ServerState,
+    cohort: Cohort,
+    key: PRNGKey,
+) -> tuple[ServerState, dict[str, jax.Array]]:
+    """One round, traced, with the population's client states on the device.
+
+    The cohort's rows are gathered from ``state.client_states`` (``[N, ...]``), updated by
+    :func:`_round_core` and scattered back (in place inside a scan or with a donated state).
+    """
+    has_client_state = bool(jax.tree.leaves(state.client_states))
+    ids = cohort.client_ids
+    cohort_states = jax.tree.map(lambda a: a[ids], state.client_states) if has_client_state else ()
+    new_state, new_cohort_states, metrics = _round_core(
+        alg, client_map, state, cohort, cohort_states, key
+    )
+    if has_client_state:
+        new_state = new_state._replace(
+            client_states=jax.tree.map(
+                lambda a, s: a.at[ids].set(s), state.client_states, new_cohort_states
+            )
+        )
+    return new_state, metrics
 
 
 @functools.partial(jax.jit, static_argnames=("alg", "client_map"))
@@ -229,7 +265,9 @@ def run_round(
     _check_state(state)
     _check_cohort(cohort)
     _check_key(key)
-    return _run_round_jit(alg, _resolve_map(client_map), state, cohort, key)
+    client_map = _resolve_map(client_map)
+    state = _place_state(state, client_map, int(np.shape(cohort.weights)[0]))
+    return _run_round_jit(alg, client_map, state, cohort, key)
 
 
 # ------------------------------------------------------------------------------- many rounds
@@ -247,6 +285,28 @@ _STATIC = (
     "eval_fn",
     "eval_every",
 )
+
+
+def _round_cohort(key, round_, examples, offsets, ids, available, **static) -> Cohort:
+    """Round ``round_``'s batches: ``k_batches`` of ``fold_in(fold_in(key, round_), 1)``."""
+    _, k_batches = jax.random.split(_data_key(key, round_))
+    return sampling.build_cohort(k_batches, examples, offsets, ids, available, **static)
+
+
+def _data_key(key: PRNGKey, round_: jax.Array) -> PRNGKey:
+    """The key of round ``round_``'s data choices (split into the sampler's and the batches')."""
+    return jax.random.fold_in(jax.random.fold_in(key, round_), 1)
+
+
+def _with_eval(metrics, params, round_, eval_fn, eval_every, eval_batches):
+    """Adds ``eval_*`` (NaN on rounds that are not due) to a round's metrics."""
+    if eval_fn is None:
+        return metrics
+    due = (round_ % eval_every) == 0
+    shapes = jax.eval_shape(lambda p, b: _eval_sums(eval_fn, p, b), params, eval_batches)
+    nan = jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
+    evals = jax.lax.cond(due, lambda p: _eval_sums(eval_fn, p, eval_batches), lambda p: nan, params)
+    return dict(metrics, **{f"eval_{k}": v for k, v in evals.items()})
 
 
 def _run_rounds_impl(
@@ -270,45 +330,173 @@ def _run_rounds_impl(
     eval_every,
 ):
     sizes = offsets[1:] - offsets[:-1]
+    build = dict(
+        num_steps=num_steps,
+        batch_size=batch_size,
+        max_client_size=max_client_size,
+        epochs=epochs,
+        weighting=weighting,
+    )
 
     def one_round(state, _):
-        data_key = jax.random.fold_in(jax.random.fold_in(key, state.round), 1)
-        k_sample, k_batches = jax.random.split(data_key)
+        k_sample, _ = jax.random.split(_data_key(key, state.round))
         ids, available, sampler_state = sampler.sample(
             state.sampler_state, k_sample, state.round, cohort_size, sizes
         )
         state = state._replace(sampler_state=sampler_state)
-        cohort = sampling.build_cohort(
-            k_batches,
-            examples,
-            offsets,
-            ids,
-            available,
-            num_steps=num_steps,
-            batch_size=batch_size,
-            max_client_size=max_client_size,
-            epochs=epochs,
-            weighting=weighting,
-        )
+        cohort = _round_cohort(key, state.round, examples, offsets, ids, available, **build)
         state, metrics = _round_body(alg, client_map, state, cohort, key)
         metrics["client_ids"] = cohort.client_ids
         metrics["available_clients"] = jnp.sum(available)
-        if eval_fn is not None:
-            due = (state.round % eval_every) == 0
-            shapes = jax.eval_shape(
-                lambda p, b: _eval_sums(eval_fn, p, b), state.params, eval_batches
-            )
-            nan = jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
-            evals = jax.lax.cond(
-                due, lambda p: _eval_sums(eval_fn, p, eval_batches), lambda p: nan, state.params
-            )
-            metrics.update({f"eval_{k}": v for k, v in evals.items()})
+        metrics = _with_eval(metrics, state.params, state.round, eval_fn, eval_every, eval_batches)
         return state, metrics
 
     return jax.lax.scan(one_round, state, None, length=num_rounds)
 
 
 _run_rounds_jit = jax.jit(_run_rounds_impl, static_argnames=("alg", "client_map") + _STATIC)
+_run_rounds_jit_donated = jax.jit(
+    _run_rounds_impl, static_argnames=("alg", "client_map") + _STATIC, donate_argnames=("state",)
+)
+
+
+# ------------------------------------------------------------ host-resident per-client state
+
+
+@functools.partial(jax.jit, static_argnames=("sampler", "num_rounds", "cohort_size"))
+def _sample_cohorts(sampler_state, key, first_round, offsets, *, sampler, num_rounds, cohort_size):
+    """Every round's cohort up front: the sampler's draws do not depend on training."""
+    sizes = offsets[1:] - offsets[:-1]
+
+    def step(sampler_state, t):
+        r = first_round + t
+        k_sample, _ = jax.random.split(_data_key(key, r))
+        ids, available, sampler_state = sampler.sample(
+            sampler_state, k_sample, r, cohort_size, sizes
+        )
+        return sampler_state, (ids.astype(jnp.int32), jnp.asarray(available, jnp.float32))
+
+    return jax.lax.scan(step, sampler_state, jnp.arange(num_rounds, dtype=jnp.int32))
+
+
+def _host_round_impl(
+    alg,
+    client_map,
+    state,
+    rows,
+    ids,
+    available,
+    prev_ids,
+    prev_rows,
+    examples,
+    offsets,
+    key,
+    eval_batches,
+    *,
+    population,
+    num_steps,
+    batch_size,
+    max_client_size,
+    epochs,
+    weighting,
+    eval_fn,
+    eval_every,
+):
+    """One round with host-resident client states: the cohort's ``rows`` in, new rows out."""
+    cohort = _round_cohort(
+        key,
+        state.round,
+        examples,
+        offsets,
+        ids,
+        available,
+        num_steps=num_steps,
+        batch_size=batch_size,
+        max_client_size=max_client_size,
+        epochs=epochs,
+        weighting=weighting,
+    )
+    cohort_states = _host_state.patch_rows(rows, ids, prev_ids, prev_rows)
+    view = _host_state.population_view(population)
+    state, new_rows, metrics = _round_core(
+        alg, client_map, state, cohort, cohort_states, key, client_view=view
+    )
+    metrics["client_ids"] = cohort.client_ids
+    metrics["available_clients"] = jnp.sum(available)
+    metrics = _with_eval(metrics, state.params, state.round, eval_fn, eval_every, eval_batches)
+    return state, new_rows, metrics
+
+
+_HOST_STATIC = (
+    "alg",
+    "client_map",
+    "population",
+    "num_steps",
+    "batch_size",
+    "max_client_size",
+    "epochs",
+    "weighting",
+    "eval_fn",
+    "eval_every",
+)
+_host_round_jit = jax.jit(_host_round_impl, static_argnames=_HOST_STATIC)
+_host_round_jit_donated = jax.jit(
+    _host_round_impl, static_argnames=_HOST_STATIC, donate_argnames=("state",)
+)
+
+
+def _run_rounds_host(alg, client_map, state, key, arrays, static, donate):
+    """The host-storage loop: cohorts drawn up front, then one jitted round per round."""
+    store, treedef = _host_state.to_host(state.client_states)
+    population = _host_state.population_spec(state.client_states)
+    sampler_state, (ids, available) = _sample_cohorts(
+        state.sampler_state,
+        key,
+        jnp.asarray(state.round, jnp.int32),
+        arrays["offsets"],
+        sampler=static["sampler"],
+        num_rounds=static["num_rounds"],
+        cohort_size=static["cohort_size"],
+    )
+    ids_host, available_host = np.asarray(ids), np.asarray(available)
+    core = state._replace(client_states=(), sampler_state=())
+    round_fn = _host_round_jit_donated if donate else _host_round_jit
+    kw = {k: static[k] for k in _HOST_STATIC[3:]}
+    carry = {"state": core}
+
+    def dispatch(t, rows, prev_ids, prev_rows):
+        try:
+            new_core, new_rows, metrics = round_fn(
+                alg,
+                client_map,
+                carry["state"],
+                jax.tree.unflatten(treedef, rows),
+                ids_host[t],
+                available_host[t],
+                prev_ids,
+                jax.tree.unflatten(treedef, list(prev_rows)),
+                arrays["examples"],
+                arrays["offsets"],
+                key,
+                arrays["eval_batches"],
+                population=population,
+                **kw,
+            )
+        except (TypeError, ValueError) as e:
+            hint = _host_state.explain(e)
+            if hint is None:
+                raise
+            raise hint from e
+        carry["state"] = new_core
+        return jax.tree.leaves(new_rows), metrics
+
+    history = _host_state.pipelined_rounds(store, ids_host, dispatch)
+    # Stacked on the host: jnp.stack would compile a program for every num_rounds.
+    history = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *jax.device_get(history))
+    final = carry["state"]._replace(
+        client_states=jax.tree.unflatten(treedef, store), sampler_state=sampler_state
+    )
+    return final, history
 
 
 def _eval_sums(eval_fn: EvalFn, params: PyTree, batches: dict[str, jax.Array]):
@@ -363,6 +551,8 @@ def run_rounds(
     eval_data: FederatedData | None = None,
     eval_every: int = 1,
     eval_batch_size: int = 256,
+    client_states_on: str = "device",
+    donate_state: bool = False,
 ) -> tuple[ServerState, dict[str, jax.Array]]:
     """Runs ``num_rounds`` rounds as ONE ``lax.scan``: sampling, batching, training, server step.
 
@@ -397,10 +587,43 @@ def run_rounds(
       eval_data: the data ``eval_fn`` runs on (all its examples, pooled).
       eval_every: evaluation cadence in rounds, ``>= 1``.
       eval_batch_size: batch size of that evaluation.
+      client_states_on: where the population's per-client state (``state.client_states``,
+        leaves ``[num_clients, ...]``) lives during the run. ``"device"`` (default): on the
+        device, inside the scan; each round gathers the cohort's rows and scatters them back.
+        ``"host"``: in NumPy arrays on the host, for populations whose state does not fit the
+        device; see "Memory" below. No effect for algorithms without per-client state.
+      donate_state: donate ``state``'s device buffers to the run (``jax.jit`` buffer
+        donation), so a long run updates the params, optimiser and client states in place
+        instead of holding two copies. ``state``'s arrays are deleted by the call (reading them
+        afterwards raises); use the returned state. Supported by the CPU, GPU and TPU backends.
 
     Returns:
       ``(final_state, history)``: ``history`` maps each metric of :func:`run_round` (plus
-      ``client_ids`` and ``eval_*``) to an array with a leading ``[num_rounds]`` axis.
+      ``client_ids`` and ``eval_*``) to an array with a leading ``[num_rounds]`` axis. With
+      ``client_states_on="host"`` the final state's ``client_states`` are NumPy arrays.
+
+    Memory:
+      Per-client state costs ``num_clients x`` (one client's state) bytes, e.g. SCAFFOLD's
+      control variates or Ditto's personal models are one copy of the params per client:
+      a 1M-parameter f32 model over 10^5 clients is 400 GB. :func:`client_state_bytes` gives
+      the figure for a state (``jax.eval_shape(alg.init, ...)`` gives it without allocating).
+      On the device that is held once (the scan updates it in place; twice at the call
+      boundary unless ``donate_state=True``). With ``client_states_on="host"`` the device holds
+      only a few cohorts' rows (this round's in and out, the previous round's out) and the
+      host holds the population once (a fresh NumPy copy of ``state.client_states``, so the
+      caller's arrays stay valid). Build a
+      state too large for the device on the host, e.g.
+      ``with jax.default_device(jax.devices("cpu")[0]): state = alg.init(params, num_clients=N)``.
+
+    Host storage, exactly: all ``num_rounds`` cohorts are drawn first (the sampler's draws do
+    not depend on training; same keys as the device path), then each round is one jitted
+    program fed the cohort's rows, whose new rows the host writes back; the host gathers round
+    ``t + 1``'s rows while round ``t`` runs (JAX's asynchronous dispatch), and rows that round
+    ``t`` is still updating are taken from its output on the device. Results equal the device
+    path's to float rounding (a round compiled alone may fuse differently from one inside the
+    scan). Inside the round the population's state is visible only as shapes (enough for
+    ``N = leaf.shape[0]``); an algorithm that reads other clients' state values raises a
+    ``ValueError`` and needs ``"device"``.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, optax, fedjax_lab as fl
@@ -432,8 +655,80 @@ def run_rounds(
         eval_every=eval_every,
         eval_batch_size=eval_batch_size,
     )
+    if client_states_on not in ("device", "host"):
+        raise ValueError(
+            f"client_states_on: expected 'device' or 'host', got {client_states_on!r}."
+        )
+    if not isinstance(donate_state, bool):
+        raise TypeError(f"donate_state: expected True or False, got {donate_state!r}.")
+    _check_population_size(state, train_data.num_clients)
     state = init_sampler_state(state, static["sampler"], arrays["offsets"])
-    return _run_rounds_jit(alg, _resolve_map(client_map), state, key=key, **arrays, **static)
+    client_map = _resolve_map(client_map)
+    state = _place_state(state, client_map, static["cohort_size"])
+    if donate_state:
+        state = _unaliased(state)
+    if client_states_on == "host" and jax.tree.leaves(state.client_states):
+        return _run_rounds_host(alg, client_map, state, key, arrays, static, donate_state)
+    run = _run_rounds_jit_donated if donate_state else _run_rounds_jit
+    return run(alg, client_map, state, key=key, **arrays, **static)
+
+
+def _place_state(state: ServerState, client_map: ClientMap, cohort_size: int) -> ServerState:
+    """Puts the state where a round returns it (replicated over a sharded map's mesh).
+
+    A state on one device given to a sharded round comes back replicated over the mesh, and the
+    next call would compile again for the new placement; placing it first avoids that.
+    """
+    placement = maps_lib.state_sharding(client_map, cohort_size)
+    if placement is None:
+        return state
+    return jax.tree.map(
+        lambda x: jax.device_put(x, placement) if isinstance(x, jax.Array) else x, state
+    )
+
+
+def client_state_bytes(state: ServerState) -> int:
+    """Bytes that ``state.client_states`` (the whole population's per-client state) takes.
+
+    That is ``num_clients x`` one client's state; divide by ``num_clients`` for one client.
+    Works on a real state, on NumPy (host-resident) client states and on the shapes of
+    ``jax.eval_shape(alg.init, ...)`` (nothing allocated), so a run can be sized first.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, fedjax_lab as fl
+      >>> from fedjax_lab.rounds import client_state_bytes
+      >>> loss = lambda p, b, k: jnp.mean((b["x"] @ p) ** 2)
+      >>> alg = fl.algorithms.scaffold(loss)
+      >>> shapes = jax.eval_shape(lambda p: alg.init(p, num_clients=1000), jnp.zeros(10))
+      >>> client_state_bytes(shapes)  # 1000 clients x 10 f32 control variates
+      40000
+    """
+    _check_state(state)
+    return tree_lib.nbytes(state.client_states)
+
+
+def _check_population_size(state: ServerState, num_clients: int) -> None:
+    """Every ``client_states`` leaf needs a leading ``[num_clients]`` axis (before compiling)."""
+    for leaf in jax.tree.leaves(state.client_states):
+        if np.ndim(leaf) < 1 or np.shape(leaf)[0] != num_clients:
+            raise ValueError(
+                f"state: client_states has a leaf of shape {np.shape(leaf)}, but train_data has "
+                f"{num_clients} clients; build the state with alg.init(params, "
+                f"num_clients={num_clients})."
+            )
+
+
+def _unaliased(state: ServerState) -> ServerState:
+    """A donated state must not hold one buffer twice: later occurrences become copies."""
+    seen: set[int] = set()
+
+    def fresh(x):
+        if isinstance(x, jax.Array) and id(x) in seen:
+            return jnp.array(x, copy=True)
+        seen.add(id(x))
+        return x
+
+    return jax.tree.map(fresh, state)
 
 
 def init_sampler_state(state: ServerState, sampler: ClientSampler, offsets: Any) -> ServerState:
@@ -468,9 +763,13 @@ def _prepare_run(
             f"train_data: expected a fl.data.FederatedData, got {type(train_data).__name__}; "
             "build one with FederatedData.from_client_arrays(...)."
         )
-    for name, value in [("num_rounds", num_rounds), ("batch_size", batch_size),
-                        ("epochs", epochs), ("eval_every", eval_every),
-                        ("eval_batch_size", eval_batch_size)]:
+    for name, value in [
+        ("num_rounds", num_rounds),
+        ("batch_size", batch_size),
+        ("epochs", epochs),
+        ("eval_every", eval_every),
+        ("eval_batch_size", eval_batch_size),
+    ]:
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: need a whole number >= 1, got {value!r}.")
     if local_steps is not None and (

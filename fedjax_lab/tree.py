@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_lab._types import PyTree
@@ -15,6 +16,7 @@ __all__ = [
     "all_finite",
     "clip_by_global_norm",
     "global_norm",
+    "nbytes",
     "structure_mismatch",
     "weighted_mean",
 ]
@@ -79,6 +81,22 @@ def all_finite(tree: PyTree) -> jax.Array:
     """
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def nbytes(tree: PyTree) -> int:
+    """Bytes the leaves of ``tree`` hold: ``sum(size * itemsize)``, 0 for an empty tree.
+
+    Leaves may be JAX or NumPy arrays or ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``).
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> nbytes({"w": jnp.zeros((10, 3)), "c": np.zeros(4, np.int8)})
+      124
+    """
+    return sum(
+        int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+    )
 
 
 def structure_mismatch(expected: PyTree, got: PyTree) -> str | None:
