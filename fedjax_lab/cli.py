@@ -6,9 +6,11 @@ of CONFIG (the default experiment when CONFIG is omitted) as compiled blocks of
 round, train loss, latest test accuracy, rounds/s and ETA. It writes, per algorithm,
 ``DIR/<label>/metrics.jsonl`` (one line a round) and ``DIR/<label>/checkpoints/``, and for the
 whole run ``DIR/summary.json`` (config, versions, device, wall time, final metrics and
-``params_sha256`` per algorithm) and the plots ``accuracy.png``, ``train_loss.png`` and
-``client_accuracy.png``. ``--resume`` continues every run from its last good checkpoint and
-ends bit-identical to a run never interrupted.
+``params_sha256`` per algorithm; a ``dp_fedavg`` run adds the privacy spent: ``epsilon``,
+``delta``, ``accountant``, ``sampling``, ``sampling_rate``, ``noise_multiplier``, see
+:func:`fedjax_lab.experiment.privacy_spent`, also printed) and the plots ``accuracy.png``,
+``train_loss.png`` and ``client_accuracy.png``. ``--resume`` continues every run from its last
+good checkpoint and ends bit-identical to a run never interrupted.
 
 ``fedjax-lab sweep CONFIG --out DIR`` runs the config's ``[sweep]`` grid as one compiled program
 and writes ``sweep.csv`` and ``sweep.png`` (see :func:`fedjax_lab.sweep.sweep`).
@@ -176,6 +178,12 @@ def _run_one(
         "final_train_loss": history[-1]["train_loss"] if history else None,
         "params_sha256": ckpt.params_sha256(state.params),
     }
+    spec = next(a for a in cfg["algorithms"] if a.get("label", a["name"]) == label)
+    spent = exp_lib.privacy_spent(cfg, spec, int(state.round), experiment.train.num_clients)
+    if spent is not None:
+        summary.update(spent)
+        if summary["epsilon"] == float("inf"):
+            summary["epsilon"] = None  # JSON has no infinity; noise_multiplier 0 says why
     np.savetxt(run_dir / "client_accuracy.txt", final["client_accuracy"], fmt="%.6f")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {"summary": summary, "history": history, "client_accuracy": final["client_accuracy"]}
@@ -236,6 +244,21 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"{label:<14}{s['test_accuracy']:>9.4f}{s['client_accuracy_p10']:>11.4f}"
             f"{s['client_accuracy_mean']:>12.4f}{loss:>11.4f}{s['wall_time_s']:>8.1f}"
+        )
+    for label, res in results.items():
+        s = res["summary"]
+        if "noise_multiplier" not in s:
+            continue
+        if s["sampling_rate"] is None:
+            lines.append(f"{label}: no epsilon: {s['sampling_note']}")
+            continue
+        eps = "inf (noise_multiplier 0: no privacy)" if s["epsilon"] is None else (
+            f"{s['epsilon']:.4g}"
+        )
+        lines.append(
+            f"{label}: epsilon = {eps} at delta = {s['delta']:g} after {s['rounds']} rounds "
+            f"(noise_multiplier {s['noise_multiplier']:g}, sampling rate {s['sampling_rate']:g}, "
+            f"{s['accountant'].upper()} accountant; q = {s['sampling_note']})"
         )
     return "\n".join(lines)
 

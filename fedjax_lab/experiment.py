@@ -3,6 +3,8 @@
 A config is checked completely — every key, type and allowed value — before any data is loaded or
 anything compiles, and an invalid one raises :class:`ConfigError` naming the key and what it
 accepts. :func:`build` turns a valid config into the data, model and algorithms of a run.
+An optional ``[privacy]`` table (``delta``, ``accountant``) says how :func:`privacy_spent`
+accounts the ``dp_fedavg`` runs.
 
 The default experiment (``fedjax-lab run`` with no config) is :data:`DEFAULT_CONFIG`: digits over
 100 clients with Dirichlet(0.5) label skew, a small MLP, 10 clients a round, FedAvg against
@@ -27,6 +29,7 @@ import os
 import sys
 from typing import Any, NamedTuple
 
+import numpy as np
 import optax
 
 from fedjax_lab import maps as maps_lib
@@ -43,7 +46,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["DEFAULT_CONFIG", "ConfigError", "Experiment", "build", "load_config", "validate"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DEFAULT_DELTA",
+    "ConfigError",
+    "Experiment",
+    "build",
+    "load_config",
+    "privacy_spent",
+    "validate",
+]
 
 
 class ConfigError(ValueError):
@@ -104,6 +116,7 @@ _SECTIONS = {
     "evaluation": dict,
     "checkpoint": dict,
     "sampler": dict,
+    "privacy": dict,
     "algorithms": list,
     "sweep": dict,
 }
@@ -120,6 +133,10 @@ _TRAINING = {
 }
 _EVALUATION = {"every": (int, 1), "batch_size": (int, 1)}
 _CHECKPOINT = {"every": (int, 1), "keep": (int, 1)}
+_PRIVACY = {"delta": (float, None), "accountant": (str, None)}
+_ACCOUNTANTS = ("pld", "rdp")
+DEFAULT_DELTA = 1e-5
+"""The ``δ`` of the ``(ε, δ)`` reported for DP runs when ``[privacy]`` gives no ``delta``."""
 
 
 def _allowed(values) -> str:
@@ -257,6 +274,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"sampler.{missing[0]}: required by sampler {sampler['name']!r}.")
     _check_section("evaluation", cfg["evaluation"], _EVALUATION)
     _check_section("checkpoint", cfg["checkpoint"], _CHECKPOINT)
+    _check_privacy(cfg.get("privacy") or {})
     if cfg["checkpoint"]["every"] % cfg["evaluation"]["every"]:
         raise ConfigError(
             f"checkpoint.every: must be a multiple of evaluation.every "
@@ -301,6 +319,106 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
                     f"{_allowed((set(params) - {'loss_fn', 'kwargs'}) | own)}."
                 )
     return cfg
+
+
+def _check_privacy(privacy: dict[str, Any]) -> None:
+    _check_section("privacy", privacy, _PRIVACY)
+    delta = privacy.get("delta", DEFAULT_DELTA)
+    if not 0.0 < delta < 1.0:
+        raise ConfigError(
+            f"privacy.delta: need a probability in (0, 1), e.g. 1e-5 (well below "
+            f"1 / num_clients), got {delta!r}."
+        )
+    accountant = privacy.get("accountant", "rdp")
+    if accountant not in _ACCOUNTANTS:
+        raise ConfigError(
+            f"privacy.accountant: got {accountant!r}; allowed: {_allowed(_ACCOUNTANTS)}."
+        )
+
+
+def _sampling_rate(cfg: dict[str, Any], num_clients: int) -> tuple[float | None, str]:
+    """``(q, how)``: the per-round participation probability the accountant uses.
+
+    ``q`` is ``None`` when the sampler has no privacy-amplification analysis here.
+    """
+    sampler = cfg.get("sampler") or {"name": "uniform"}
+    if sampler["name"] == "uniform":
+        q = min(1.0, cfg["training"]["cohort_size"] / num_clients)
+        return q, (
+            "cohort_size / num_clients; the uniform sampler draws fixed-size cohorts, "
+            "accounted as Poisson sampling (the usual approximation, McMahan et al. 2018)"
+        )
+    if sampler["name"] == "bernoulli":
+        # Poisson sampling with rate p_i; sub-sampling the available clients down to the
+        # cohort only lowers participation, so max_i p_i bounds every client's privacy loss.
+        q = float(np.max(np.asarray(sampler["probs"], np.float64)))
+        return q, "max_i probs[i] of the bernoulli sampler (Poisson sampling)"
+    return None, (
+        f"sampler {sampler['name']!r} has no privacy-amplification analysis here; no epsilon "
+        "is reported (use the 'uniform' or 'bernoulli' sampler)"
+    )
+
+
+def privacy_spent(
+    config: dict[str, Any], spec: dict[str, Any], rounds: int, num_clients: int
+) -> dict[str, Any] | None:
+    """The ``(ε, δ)`` a ``dp_fedavg`` entry of a config has spent after ``rounds`` rounds.
+
+    ``ε = fl.privacy.epsilon(z, q, rounds, δ, accountant=..., sampling="poisson")``: user-level
+    DP of a Poisson-sampled Gaussian mechanism composed over the rounds (McMahan et al. 2018),
+    with ``z`` the entry's ``noise_multiplier`` (with adaptive clipping ``z`` covers the update
+    and the clipped-count noise together), ``δ`` and the accountant from ``[privacy]``
+    (defaults :data:`DEFAULT_DELTA`, ``"rdp"``) and ``q``: ``cohort_size / num_clients`` for
+    the ``uniform`` sampler (fixed-size cohorts accounted as Poisson sampling, the usual
+    approximation) or ``max(probs)`` for the ``bernoulli`` sampler (exact Poisson sampling when
+    the cohort holds every available client). Other samplers get ``epsilon = None``.
+    ``noise_multiplier = 0`` gives ``epsilon = inf``.
+
+    Args:
+      config: a validated config (:func:`validate`).
+      spec: one of its ``[[algorithms]]`` entries.
+      rounds: rounds run.
+      num_clients: the population size ``N``.
+
+    Returns:
+      ``None`` unless ``spec`` is ``dp_fedavg``; else a dict with ``epsilon``, ``delta``,
+      ``accountant``, ``sampling``, ``sampling_rate``, ``noise_multiplier``, ``rounds`` and
+      ``sampling_note``.
+
+    Example:
+      >>> cfg = validate({"algorithms": [{"name": "dp_fedavg", "noise_multiplier": 1.0}],
+      ...                 "privacy": {"delta": 1e-4}})
+      >>> spent = privacy_spent(cfg, cfg["algorithms"][0], rounds=100, num_clients=100)
+      >>> round(spent["epsilon"], 2), spent["sampling_rate"], spent["accountant"]
+      (6.82, 0.1, 'rdp')
+    """
+    if spec["name"] != "dp_fedavg":
+        return None
+    from fedjax_lab import privacy as privacy_lib
+
+    privacy = config.get("privacy") or {}
+    delta = float(privacy.get("delta", DEFAULT_DELTA))
+    accountant = privacy.get("accountant", "rdp")
+    z = spec.get(
+        "noise_multiplier", _factory_params(REGISTRY["dp_fedavg"])["noise_multiplier"].default
+    )
+    q, note = _sampling_rate(config, num_clients)
+    if q is None:
+        eps = None
+    elif q == 0.0:
+        eps = 0.0  # nobody ever takes part
+    else:
+        eps = privacy_lib.epsilon(float(z), q, int(rounds), delta, accountant=accountant)
+    return {
+        "epsilon": eps,
+        "delta": delta,
+        "accountant": accountant if q is not None else None,
+        "sampling": "poisson" if q is not None else None,
+        "sampling_rate": q,
+        "noise_multiplier": float(z),
+        "rounds": int(rounds),
+        "sampling_note": note,
+    }
 
 
 def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -413,6 +531,15 @@ def build(config: dict[str, Any]) -> Experiment:
         raise ConfigError(
             f"training.cohort_size: {cfg['training']['cohort_size']} is more than the "
             f"{train.num_clients} clients of the data; use <= {train.num_clients}."
+        )
+    delta = (cfg.get("privacy") or {}).get("delta", DEFAULT_DELTA)
+    if any(spec["name"] == "dp_fedavg" for spec in cfg["algorithms"]) and not (
+        delta < 1.0 / train.num_clients
+    ):
+        raise ConfigError(
+            f"privacy.delta: {delta!r} is not below 1 / num_clients = 1/{train.num_clients}; "
+            "such a delta allows one client's data to leak outright. Use e.g. 1e-5 or "
+            "num_clients ** -1.1."
         )
     sampler_cfg = dict(cfg.get("sampler") or {"name": "uniform"})
     try:

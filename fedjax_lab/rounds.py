@@ -41,6 +41,8 @@ def _round_core(
     key: PRNGKey,
     *,
     client_view: PyTree = None,
+    gather: Callable[[PyTree, PyTree], PyTree] | None = None,
+    gather_data: PyTree = (),
 ) -> tuple[ServerState, PyTree, dict[str, jax.Array]]:
     """One round, traced, on the cohort's per-client states ``cohort_states`` (``[C, ...]``).
 
@@ -48,6 +50,12 @@ def _round_core(
     ``state.client_states`` untouched (the caller writes ``new_cohort_states`` back). With
     ``client_view`` (host-resident storage) ``state.client_states`` is ``()`` and the algorithm
     sees ``client_view`` (shape-only placeholders) in its place.
+
+    With ``gather``, ``cohort.batches`` holds each client's plan (a few ``[C]`` numbers, see
+    :func:`~fedjax_lab.data.sampling.plan_cohort`) and every client gathers its own batches
+    inside the client map, ``gather(plan_row, gather_data)``: the cohort's batches are never
+    all in memory at once (``sequential`` holds one client's, ``chunked(n)`` n clients'), and
+    each client's examples are gathered right before it trains on them.
     """
     alg_state = state if client_view is None else state._replace(client_states=client_view)
     _check_state_matches(alg, alg_state)  # at trace time: once per compile, before XLA runs
@@ -59,10 +67,12 @@ def _round_core(
     stack = alg.aggregator.reduce == "stack"
 
     def one_client(shared, x):
-        server_state, agg_state = shared
+        server_state, agg_state, data = shared
         if client_view is not None:
             server_state = server_state._replace(client_states=client_view)
         batches, weight_in, client_id, client_state, ckey = x
+        if gather is not None:
+            batches = gather(batches, data)
         out = alg.client_update(
             server_state, ClientInput(batches, weight_in, client_id, client_state), ckey
         )
@@ -80,7 +90,7 @@ def _round_core(
         return to_sum, to_stack
 
     xs = (cohort.batches, cohort.weights, cohort.client_ids, cohort_states, client_keys)
-    shared = (state, state.aggregator_state)
+    shared = (state, state.aggregator_state, gather_data)
     (summed, metrics), (stacked, new_cohort_states) = client_map.apply(one_client, shared, xs)
     contributions = stacked if stack else summed
     aggregate, total_weight, agg_state = alg.aggregator.finalize(
@@ -120,6 +130,7 @@ def _round_body(
     state: ServerState,
     cohort: Cohort,
     key: PRNGKey,
+    **gathering: Any,
 ) -> tuple[ServerState, dict[str, jax.Array]]:
     """One round, traced, with the population's client states on the device.
 
@@ -130,7 +141,7 @@ def _round_body(
     ids = cohort.client_ids
     cohort_states = jax.tree.map(lambda a: a[ids], state.client_states) if has_client_state else ()
     new_state, new_cohort_states, metrics = _round_core(
-        alg, client_map, state, cohort, cohort_states, key
+        alg, client_map, state, cohort, cohort_states, key, **gathering
     )
     if has_client_state:
         new_state = new_state._replace(
@@ -287,10 +298,26 @@ _STATIC = (
 )
 
 
-def _round_cohort(key, round_, examples, offsets, ids, available, **static) -> Cohort:
-    """Round ``round_``'s batches: ``k_batches`` of ``fold_in(fold_in(key, round_), 1)``."""
+def _round_cohort(
+    key, round_, examples, offsets, ids, available, *, weighting, **shapes
+) -> tuple[Cohort, dict[str, Any]]:
+    """Round ``round_``'s cohort as a plan, and how each client gathers its batches from it.
+
+    The batches are those of :func:`~fedjax_lab.data.sampling.build_cohort` with ``k_batches``
+    of ``fold_in(fold_in(key, round_), 1)``; each client gathers its own inside the client map
+    (``_round_core``'s ``gather``), so the whole cohort's batches never sit in memory at once.
+    Returns the cohort (its ``batches`` the ``[C]`` plan) and ``_round_core``'s gathering
+    arguments.
+    """
     _, k_batches = jax.random.split(_data_key(key, round_))
-    return sampling.build_cohort(k_batches, examples, offsets, ids, available, **static)
+    plan, weights = sampling.plan_cohort(k_batches, offsets, ids, available, weighting=weighting)
+    gather = functools.partial(_gather_client, **shapes)
+    cohort = Cohort(plan, weights, jnp.asarray(ids, jnp.int32))
+    return cohort, {"gather": gather, "gather_data": examples}
+
+
+def _gather_client(row, examples, **shapes):
+    return sampling.client_batches(**row, examples=examples, **shapes)
 
 
 def _data_key(key: PRNGKey, round_: jax.Array) -> PRNGKey:
@@ -344,8 +371,10 @@ def _run_rounds_impl(
             state.sampler_state, k_sample, state.round, cohort_size, sizes
         )
         state = state._replace(sampler_state=sampler_state)
-        cohort = _round_cohort(key, state.round, examples, offsets, ids, available, **build)
-        state, metrics = _round_body(alg, client_map, state, cohort, key)
+        cohort, gathering = _round_cohort(
+            key, state.round, examples, offsets, ids, available, **build
+        )
+        state, metrics = _round_body(alg, client_map, state, cohort, key, **gathering)
         metrics["client_ids"] = cohort.client_ids
         metrics["available_clients"] = jnp.sum(available)
         metrics = _with_eval(metrics, state.params, state.round, eval_fn, eval_every, eval_batches)
@@ -403,7 +432,7 @@ def _host_round_impl(
     eval_every,
 ):
     """One round with host-resident client states: the cohort's ``rows`` in, new rows out."""
-    cohort = _round_cohort(
+    cohort, gathering = _round_cohort(
         key,
         state.round,
         examples,
@@ -419,7 +448,7 @@ def _host_round_impl(
     cohort_states = _host_state.patch_rows(rows, ids, prev_ids, prev_rows)
     view = _host_state.population_view(population)
     state, new_rows, metrics = _round_core(
-        alg, client_map, state, cohort, cohort_states, key, client_view=view
+        alg, client_map, state, cohort, cohort_states, key, client_view=view, **gathering
     )
     metrics["client_ids"] = cohort.client_ids
     metrics["available_clients"] = jnp.sum(available)

@@ -19,7 +19,10 @@ from fedjax_lab.data._federated import FederatedData
 __all__ = [
     "batch_indices",
     "build_cohort",
+    "client_batches",
+    "distinct_uniform",
     "num_local_steps",
+    "plan_cohort",
     "sample_clients",
     "size_weighted",
     "uniform",
@@ -31,29 +34,115 @@ def sample_clients(
 ) -> jax.Array:
     """Samples ``cohort_size`` distinct clients, uniformly or with probabilities ``probs``.
 
-    Uses the Gumbel-top-k trick: ``top_k(log p_i + G_i)`` with i.i.d. Gumbel noise ``G_i`` is
-    a sample without replacement (uniform when ``probs`` is None). It costs ``O(num_clients)``
-    per round, so it stays cheap for populations of a million clients.
+    * Uniform (``probs`` None) and ``4 * C <= N``: :func:`distinct_uniform`, ``O(C log C)``
+      expected work whatever the population (a million clients cost what ten thousand do).
+    * Uniform and ``4 * C > N``: the Gumbel-top-k below with equal weights, ``O(N) = O(C)``.
+    * Weighted: Gumbel-top-k, ``top_k(log p_i + G_i)`` with i.i.d. Gumbel noise ``G_i`` is a
+      sample without replacement in which each next client is drawn with probability
+      proportional to ``p_i`` among those not yet drawn. It costs ``O(N)`` a round (measured
+      ~14 ms for N = 10^6 on one core of the CPU machines here; see
+      ``experiments/benchmarks/README_scale.md``).
 
     Args:
       key: PRNG key.
-      num_clients: population size ``N``.
-      cohort_size: number of distinct clients ``C <= N``.
+      num_clients: population size ``N`` (a Python int; shapes depend on it).
+      cohort_size: number of distinct clients ``1 <= C <= N`` (a Python int).
       probs: optional ``f32[N]`` non-negative sampling weights (need not sum to 1).
 
     Returns:
-      ``i32[C]`` client indices.
+      ``i32[C]`` client indices, all different.
+
+    Raises:
+      ValueError: ``cohort_size`` outside ``[1, num_clients]``.
 
     Example:
       >>> import jax
       >>> ids = sample_clients(jax.random.key(0), 10, 4)
       >>> len(set(ids.tolist())), bool(ids.max() < 10)
       (4, True)
+      >>> big = sample_clients(jax.random.key(0), 1_000_000, 100)
+      >>> len(set(big.tolist())), bool(big.max() < 1_000_000)
+      (100, True)
     """
+    num_clients, cohort_size = int(num_clients), int(cohort_size)
+    if not 1 <= cohort_size <= num_clients:
+        raise ValueError(
+            f"cohort_size: need 1 <= cohort_size <= num_clients ({num_clients}), got {cohort_size}."
+        )
+    if probs is None and 4 * cohort_size <= num_clients:
+        return distinct_uniform(key, num_clients, cohort_size)
     g = jax.random.gumbel(key, (num_clients,))
     if probs is not None:
         g = g + jnp.log(jnp.asarray(probs, jnp.float32))
     return jax.lax.top_k(g, cohort_size)[1].astype(jnp.int32)
+
+
+def _repeated(ids: jax.Array) -> jax.Array:
+    """``bool[C]``: True where ``ids[j]`` occurs more than once in ``ids`` (every copy).
+
+    One single-operand sort and a binary search: on XLA:CPU a one-array ``jnp.sort`` takes a
+    fast path (0.4 ms for 10^4 ids here) that a sort carrying positions along misses (4 ms).
+    """
+    c = ids.shape[0]
+    ordered = jnp.sort(ids)
+    first = jnp.searchsorted(ordered, ids, side="left", method="scan")
+    after = ordered[jnp.minimum(first + 1, c - 1)]
+    return (first + 1 < c) & (after == ids)
+
+
+def distinct_uniform(key: PRNGKey, num_clients: int, cohort_size: int) -> jax.Array:
+    """``C`` distinct clients uniformly from ``N``, in ``O(C log C)`` expected work for ``C << N``.
+
+    Draws ``C`` ids with replacement, then, until all differ, redraws every copy of every id that
+    occurs more than once (``jax.lax.while_loop``; the draw of pass ``t`` uses
+    ``fold_in(key, t)``). Nothing in this procedure looks at what an id is, only at which ids
+    are equal, so its output distribution is unchanged by any relabelling of the ``N`` clients;
+    relabellings reach every ordered tuple of ``C`` distinct ids from any other, so the output
+    is an exactly uniform ordered sample without replacement (up to the uniformity of
+    ``jax.random.randint``). Each pass costs one sort of ``C`` ids. A redrawn id hits one of the
+    others with probability ``< C / N`` and then both are redrawn, so with ``C <= N / 4`` the
+    expected number of repeated ids at least halves each pass: ``O(log C)`` passes expected
+    (measured: none after the first draw, usually, for ``C = 100, N = 10^6``; 2-3 for
+    ``C = 10^4``). It never builds an array of size ``N``.
+
+    Prefer :func:`sample_clients`, which uses this when ``4 * C <= N`` (as ``C`` nears ``N``
+    the redraws would collide ever more often; there Gumbel-top-k's ``O(N)`` is ``O(C)``).
+
+    Args:
+      key: PRNG key.
+      num_clients: population size ``N`` (a Python int).
+      cohort_size: number of distinct clients ``1 <= C <= N`` (a Python int).
+
+    Returns:
+      ``i32[C]`` distinct client indices in ``[0, N)``.
+
+    Example:
+      >>> import jax
+      >>> ids = distinct_uniform(jax.random.key(1), 1_000_000, 5)
+      >>> ids.shape, len(set(ids.tolist()))
+      ((5,), 5)
+    """
+    num_clients, cohort_size = int(num_clients), int(cohort_size)
+    if not 1 <= cohort_size <= num_clients:
+        raise ValueError(
+            f"cohort_size: need 1 <= cohort_size <= num_clients ({num_clients}), got {cohort_size}."
+        )
+
+    def draw(t):
+        k = jax.random.fold_in(key, t)
+        return jax.random.randint(k, (cohort_size,), 0, num_clients, dtype=jnp.int32)
+
+    def cond(carry):
+        return jnp.any(carry[2])
+
+    def body(carry):
+        t, ids, repeat = carry
+        ids = jnp.where(repeat, draw(t), ids)
+        return t + 1, ids, _repeated(ids)
+
+    ids = draw(0)
+    _, ids, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), ids, _repeated(ids)))
+    return ids
 
 
 @functools.cache
@@ -158,6 +247,109 @@ def batch_indices(
     return idx.reshape(num_steps, batch_size), real.reshape(num_steps, batch_size)
 
 
+def plan_cohort(
+    key: PRNGKey,
+    offsets: jax.Array,
+    client_ids: jax.Array,
+    available: jax.Array | None = None,
+    *,
+    weighting: str = "num_examples",
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """The ``[C]``-sized part of a cohort: what each client needs to gather its own batches.
+
+    ``build_cohort = plan_cohort`` then :func:`client_batches` for every client. A round that
+    calls :func:`client_batches` inside its client map instead of gathering the whole cohort
+    first holds only the batches of the clients being trained at that moment (one for
+    ``sequential()``, ``n`` for ``chunked(n)``), so its memory does not grow with ``C``.
+
+    Args:
+      key: PRNG key of this round's batches (split into one key per client).
+      offsets: ``[num_clients + 1]`` client boundaries.
+      client_ids: ``i32[C]`` the cohort.
+      available: optional ``f32[C]``; 0 turns a slot into padding (mask 0, weight 0).
+      weighting: ``"num_examples"`` (weight = examples held) or ``"uniform"`` (weight 1).
+
+    Returns:
+      ``(plan, weights)``: ``plan`` maps ``"key"``, ``"offset"``, ``"size"``, ``"available"`` to
+      ``[C]`` arrays (one row per client, the arguments of :func:`client_batches`);
+      ``weights`` is ``f32[C]``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> plan, w = plan_cohort(jax.random.key(0), jnp.array([0, 3, 4, 9]), jnp.array([2, 0]))
+      >>> plan["offset"].tolist(), plan["size"].tolist(), w.tolist()
+      ([4, 0], [5, 3], [5.0, 3.0])
+    """
+    offsets = jnp.asarray(offsets, jnp.int32)
+    ids = jnp.asarray(client_ids, jnp.int32)
+    cohort_size = ids.shape[0]
+    sizes = offsets[ids + 1] - offsets[ids]
+    if weighting == "num_examples":
+        weights = sizes.astype(jnp.float32)
+    elif weighting == "uniform":
+        weights = jnp.ones((cohort_size,), jnp.float32)
+    else:
+        raise ValueError(f"weighting: expected 'num_examples' or 'uniform', got {weighting!r}.")
+    if available is None:
+        available = jnp.ones((cohort_size,), jnp.float32)
+    available = jnp.asarray(available, jnp.float32)
+    plan = {
+        "key": jax.random.split(key, cohort_size),
+        "offset": offsets[ids],
+        "size": sizes,
+        "available": available,
+    }
+    return plan, weights * available
+
+
+def client_batches(
+    key: PRNGKey,
+    offset: jax.Array,
+    size: jax.Array,
+    available: jax.Array,
+    examples: dict[str, jax.Array],
+    *,
+    num_steps: int,
+    batch_size: int,
+    max_client_size: int,
+    epochs: int | None,
+) -> dict[str, jax.Array]:
+    """ONE client's ``[S, B]`` batches gathered from the flat examples, with their mask.
+
+    Called with one row of :func:`plan_cohort`'s plan (``**row``) it gives exactly that
+    client's slice of :func:`build_cohort`'s batches.
+
+    Args:
+      key, offset, size: the client's batch key and range of examples (see :func:`batch_indices`).
+      available: ``f32[]``; 0 makes every position padding (mask 0).
+      examples: flat example arrays ``[N_examples, ...]``.
+      num_steps, batch_size, max_client_size, epochs: static shapes (see :func:`batch_indices`).
+
+    Returns:
+      A dict of ``[S, B, ...]`` arrays, one per feature, and ``"mask"`` ``f32[S, B]``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> ex = {"x": jnp.arange(6.0)}
+      >>> b = client_batches(jax.random.key(0), 4, 2, 1.0, ex, num_steps=1, batch_size=3,
+      ...                    max_client_size=3, epochs=1)
+      >>> sorted(b["x"][0, :2].tolist()), b["mask"].tolist()
+      ([4.0, 5.0], [[1.0, 1.0, 0.0]])
+    """
+    idx, mask = batch_indices(
+        key,
+        offset,
+        size,
+        num_steps=num_steps,
+        batch_size=batch_size,
+        max_client_size=max_client_size,
+        epochs=epochs,
+    )
+    batches = {name: jnp.asarray(v)[idx] for name, v in examples.items()}
+    batches["mask"] = mask * jnp.asarray(available, jnp.float32)
+    return batches
+
+
 def build_cohort(
     key: PRNGKey,
     examples: dict[str, jax.Array],
@@ -173,7 +365,10 @@ def build_cohort(
 ) -> Cohort:
     """Gathers the ``[C, S, B]`` batches of the clients ``client_ids`` from the flat examples.
 
-    Jittable; the cohort's clients come from a :class:`~fedjax_lab.ClientSampler`.
+    Jittable; the cohort's clients come from a :class:`~fedjax_lab.ClientSampler`. It is
+    :func:`plan_cohort` followed by :func:`client_batches` for every client, so it holds the
+    whole cohort's batches at once (``C * S * B`` examples); see :func:`plan_cohort` for the
+    streaming alternative.
 
     Args:
       key: PRNG key of this round's batches.
@@ -187,36 +382,27 @@ def build_cohort(
 
     Returns:
       A :class:`~fedjax_lab.Cohort`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> c = build_cohort(jax.random.key(0), {"x": jnp.arange(6.0)}, jnp.array([0, 4, 6]),
+      ...                  jnp.array([1]), num_steps=1, batch_size=3, max_client_size=4,
+      ...                  epochs=1)
+      >>> c.batches["x"].shape, c.batches["mask"].tolist(), c.weights.tolist()
+      ((1, 1, 3), [[[1.0, 1.0, 0.0]]], [2.0])
     """
-    offsets = jnp.asarray(offsets, jnp.int32)
-    sizes = offsets[1:] - offsets[:-1]
-    ids = jnp.asarray(client_ids, jnp.int32)
-    cohort_size = ids.shape[0]
-    keys = jax.random.split(key, cohort_size)
-    idx, mask = jax.vmap(
-        lambda k, o, n: batch_indices(
-            k,
-            o,
-            n,
+    plan, weights = plan_cohort(key, offsets, client_ids, available, weighting=weighting)
+    batches = jax.vmap(
+        lambda row: client_batches(
+            **row,
+            examples=examples,
             num_steps=num_steps,
             batch_size=batch_size,
             max_client_size=max_client_size,
             epochs=epochs,
         )
-    )(keys, offsets[ids], sizes[ids])
-    batches = {name: jnp.asarray(v)[idx] for name, v in examples.items()}
-    if weighting == "num_examples":
-        weights = sizes[ids].astype(jnp.float32)
-    elif weighting == "uniform":
-        weights = jnp.ones((cohort_size,), jnp.float32)
-    else:
-        raise ValueError(f"weighting: expected 'num_examples' or 'uniform', got {weighting!r}.")
-    if available is not None:
-        available = jnp.asarray(available, jnp.float32)
-        mask = mask * available[:, None, None]
-        weights = weights * available
-    batches["mask"] = mask
-    return Cohort(batches, weights, ids)
+    )(plan)
+    return Cohort(batches, weights, jnp.asarray(client_ids, jnp.int32))
 
 
 def _check_population(data: FederatedData, cohort_size: int) -> None:
