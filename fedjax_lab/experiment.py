@@ -349,10 +349,18 @@ def _sampling_rate(cfg: dict[str, Any], num_clients: int) -> tuple[float | None,
             "accounted as Poisson sampling (the usual approximation, McMahan et al. 2018)"
         )
     if sampler["name"] == "bernoulli":
-        # Poisson sampling with rate p_i; sub-sampling the available clients down to the
-        # cohort only lowers participation, so max_i p_i bounds every client's privacy loss.
+        # Poisson sampling with rate p_i, exact while the cohort holds every available client;
+        # a round with more available clients than cohort slots keeps a subset that depends on
+        # the others, which this accounting does not cover: its probability is reported.
+        from scipy.stats import binom
+
         q = float(np.max(np.asarray(sampler["probs"], np.float64)))
-        return q, "max_i probs[i] of the bernoulli sampler (Poisson sampling)"
+        overflow = float(binom.sf(cfg["training"]["cohort_size"], num_clients, q))
+        return q, (
+            "max_i probs[i] of the bernoulli sampler (Poisson sampling); exact in rounds where "
+            f"the cohort holds every available client: P[more available than cohort_size] <= "
+            f"{overflow:.2g} a round"
+        )
     return None, (
         f"sampler {sampler['name']!r} has no privacy-amplification analysis here; no epsilon "
         "is reported (use the 'uniform' or 'bernoulli' sampler)"

@@ -234,12 +234,12 @@ def _sharded(inner: ClientMap, devices: tuple | None) -> ClientMap:
         return head_out
 
     names = "all devices" if devices is None else f"{len(devices)} devices"
-    name = f"sharded({inner.name}, {names})"
-    _SHARDED_DEVICES[name] = devices
-    return ClientMap(apply, name)
+    client_map = ClientMap(apply, f"sharded({inner.name}, {names})")
+    _SHARDED_DEVICES[client_map] = devices
+    return client_map
 
 
-_SHARDED_DEVICES: dict[str, tuple | None] = {}
+_SHARDED_DEVICES: dict[ClientMap, tuple | None] = {}  # each sharded map -> its devices
 
 
 def state_sharding(client_map: ClientMap, cohort_size: int) -> NamedSharding | None:
@@ -256,9 +256,9 @@ def state_sharding(client_map: ClientMap, cohort_size: int) -> NamedSharding | N
     """
     if client_map is auto():
         client_map = choose(cohort_size)
-    if client_map.name not in _SHARDED_DEVICES:
+    if client_map not in _SHARDED_DEVICES:
         return None
-    devices = _SHARDED_DEVICES[client_map.name]
+    devices = _SHARDED_DEVICES[client_map]
     devs = list(devices) if devices is not None else jax.devices()
     if len(devs) < 2 or cohort_size < len(devs):
         return None

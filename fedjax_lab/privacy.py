@@ -296,10 +296,15 @@ def _dp_event(
     sampling: str,
     num_clients: int | None,
 ) -> dp_accounting.DpEvent:
-    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
     if sampling == "poisson":
+        gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
         one_round = dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
     else:
+        # Fixed-size cohorts are accounted under replace-one neighbours, where dp-accounting's
+        # noise multiplier is relative to the replace-one sensitivity: replacing one client's
+        # clipped update (norm <= C) by another moves the sum by up to 2C, so sigma = z C is
+        # a multiplier of z / 2 on that sensitivity.
+        gaussian = dp_accounting.GaussianDpEvent(noise_multiplier / 2)
         sample_size = int(round(sampling_rate * num_clients))
         one_round = dp_accounting.SampledWithoutReplacementDpEvent(
             num_clients, sample_size, gaussian
@@ -363,7 +368,8 @@ def epsilon(
     ``sampling="poisson"`` (each client joins with probability ``q = sampling_rate``,
     add-or-remove-one neighbours; McMahan et al. 2018) or ``"uniform"`` (a fixed cohort of
     ``round(q N)`` of ``N = num_clients`` clients without replacement, replace-one neighbours,
-    RDP only). The rounds compose (``SelfComposedDpEvent``) under the RDP or PLD accountant.
+    RDP only; replacing one client moves the clipped sum by up to ``2C``, so the accountant is
+    given ``z / 2``). The rounds compose (``SelfComposedDpEvent``) under the RDP or PLD accountant.
 
     Args:
       noise_multiplier: ``z > 0`` (``0`` gives ``inf``).

@@ -277,7 +277,8 @@ def run_round(
     _check_cohort(cohort)
     _check_key(key)
     client_map = _resolve_map(client_map)
-    state = _place_state(state, client_map, int(np.shape(cohort.weights)[0]))
+    placement = maps_lib.state_sharding(client_map, int(np.shape(cohort.weights)[0]))
+    state = _place_state(state, placement)
     return _run_round_jit(alg, client_map, state, cohort, key)
 
 
@@ -693,7 +694,16 @@ def run_rounds(
     _check_population_size(state, train_data.num_clients)
     state = init_sampler_state(state, static["sampler"], arrays["offsets"])
     client_map = _resolve_map(client_map)
-    state = _place_state(state, client_map, static["cohort_size"])
+    placement = maps_lib.state_sharding(client_map, static["cohort_size"])
+    if placement is not None:
+        # Clients gather their batches inside the map: a sharded map reads the examples on
+        # every device, so they go there once per call here, not inside the program.
+        arrays = jax.device_put(arrays, placement)
+        if client_states_on == "host":  # the population's states stay where they are
+            placed = _place_state(state._replace(client_states=()), placement)
+            state = placed._replace(client_states=state.client_states)
+        else:
+            state = _place_state(state, placement)
     if donate_state:
         state = _unaliased(state)
     if client_states_on == "host" and jax.tree.leaves(state.client_states):
@@ -702,13 +712,13 @@ def run_rounds(
     return run(alg, client_map, state, key=key, **arrays, **static)
 
 
-def _place_state(state: ServerState, client_map: ClientMap, cohort_size: int) -> ServerState:
+def _place_state(state: ServerState, placement: Any) -> ServerState:
     """Puts the state where a round returns it (replicated over a sharded map's mesh).
 
     A state on one device given to a sharded round comes back replicated over the mesh, and the
     next call would compile again for the new placement; placing it first avoids that.
+    ``placement`` is :func:`fedjax_lab.maps.state_sharding` of the map and cohort (or None).
     """
-    placement = maps_lib.state_sharding(client_map, cohort_size)
     if placement is None:
         return state
     return jax.tree.map(

@@ -111,11 +111,13 @@ def test_epsilon_equals_direct_dp_accounting(accountant):
 
 
 def test_epsilon_uniform_sampling_uses_replace_one_rdp():
+    # Replace-one sensitivity of a sum of updates clipped to C is 2C, and dp-accounting's
+    # noise multiplier is sigma over that sensitivity: z = 1 (sigma = C) is 0.5 there.
     acc = dp_accounting.rdp.RdpAccountant(
         neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     acc.compose(dp_accounting.SelfComposedDpEvent(
         dp_accounting.SampledWithoutReplacementDpEvent(
-            1000, 20, dp_accounting.GaussianDpEvent(1.0)), 100))
+            1000, 20, dp_accounting.GaussianDpEvent(0.5)), 100))
     got = privacy.epsilon(1.0, 0.02, 100, 1e-5, sampling="uniform", num_clients=1000)
     assert got == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
     with pytest.raises(ValueError, match="accountant"):
@@ -203,3 +205,18 @@ def test_adaptive_clipping_moves_c_toward_the_quantile(start, quantile):
     gaps = np.abs(np.log(np.array(history) / target))
     assert gaps[-1] < 0.15 and gaps[-1] < 0.2 * gaps[0]
     assert (history[10] > start) == (start < target)  # moved the right way from the start
+
+
+def test_uniform_sampling_of_everyone_is_the_gaussian_mechanism_on_twice_the_clip():
+    """q = 1 (every client every round): no amplification; replace-one sensitivity of the clipped
+    sum is 2C, so z = 2 (sigma = 2C) must cost what a plain Gaussian of multiplier 1 costs."""
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0), 10))
+    got = privacy.epsilon(2.0, 1.0, 10, 1e-5, sampling="uniform", num_clients=50)
+    assert got == pytest.approx(acc.get_epsilon(1e-5), rel=1e-3)
+
+
+def test_noise_multiplier_for_uniform_sampling_meets_its_target():
+    z = privacy.noise_multiplier_for(2.0, 0.02, 100, 1e-5, sampling="uniform", num_clients=1000)
+    eps = privacy.epsilon(z, 0.02, 100, 1e-5, sampling="uniform", num_clients=1000)
+    assert eps <= 2.0 and eps == pytest.approx(2.0, rel=0.02)
