@@ -626,6 +626,8 @@ def run_rounds(
         donation), so a long run updates the params, optimiser and client states in place
         instead of holding two copies. ``state``'s arrays are deleted by the call (reading them
         afterwards raises); use the returned state. Supported by the CPU, GPU and TPU backends.
+        Under a sharded map a state not yet on the mesh is first copied there (that copy is
+        what is donated); pass the state a previous call returned to donate without a copy.
 
     Returns:
       ``(final_state, history)``: ``history`` maps each metric of :func:`run_round` (plus
