@@ -97,7 +97,7 @@ def test_bad_arguments_are_named():
         compare.main(["--smoke", "--out", "/dev/null", "--datasets", "cifar"])
 
 
-def test_feddisco_is_excluded_on_shakespeare_with_a_reason():
-    assert "feddisco" in compare.EXCLUDED["shakespeare"]
+def test_every_algorithm_runs_on_every_dataset():
+    assert not any(compare.EXCLUDED.values())  # FedDisco's sequence-label failure is fixed
     assert set(compare.ALGORITHMS) >= set(compare.PERSONALISED)
     assert len(compare.ALGORITHMS) == 15

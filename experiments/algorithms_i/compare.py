@@ -65,17 +65,7 @@ NEEDS_CLIENT_STATE = ("scaffold", "feddyn", "fedau", "ditto", "pfedme", "fedrep"
 PERSONALISED = ("ditto", "pfedme", "fedrep", "fedper", "perfedavg")
 
 # Algorithms left out of a dataset, with the reason (printed in the table and the JSON).
-EXCLUDED = {
-    "shakespeare": {
-        "feddisco": (
-            "FedDisco weighs clients by the distance of their label histogram to a target; "
-            "fedjax_lab.algorithms.feddisco.label_histogram assumes one label per example "
-            "(y [S, B]) and fails on next-character targets (y [S, B, T], mask [S, B]) with "
-            "'TypeError: mul got incompatible shapes for broadcasting'; a histogram over 84 "
-            "characters vs a uniform target is not the paper's setting either."
-        ),
-    },
-}
+EXCLUDED: dict[str, dict[str, str]] = {}
 
 DATASETS = ("digits", "shakespeare")
 
