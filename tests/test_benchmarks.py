@@ -63,3 +63,32 @@ def test_suite_writes_every_field(bench, tmp_path):
         assert 0 < case["fraction_of_peak"] < 1.5
         assert case["auto_picks"] == fl.maps.choose(case["cohort"]).name
     assert "| logreg_c10 |" in bench.table(results)
+
+
+def test_the_loop_baseline_is_the_faster_of_both_hosts(bench):
+    cases = [
+        {
+            "name": "a",
+            "examples_per_s": 300.0,
+            "python_loop_examples_per_s": 100.0,
+            "python_loop_fraction_of_peak": 0.1,
+            "vs_python_loop": 3.0,
+        },
+        {
+            "name": "b",
+            "examples_per_s": 300.0,
+            "python_loop_examples_per_s": 150.0,
+            "python_loop_fraction_of_peak": 0.2,
+            "vs_python_loop": 2.0,
+        },
+    ]
+    child = [
+        {"name": "a", "python_loop_examples_per_s": 200.0, "examples_per_s": 120.0},
+        {"name": "b", "python_loop_examples_per_s": 50.0},
+    ]
+    split = bench.merge_one_device(cases, child)
+    assert cases[0]["python_loop_examples_per_s"] == 200.0 and cases[0]["vs_python_loop"] == 1.5
+    assert cases[0]["python_loop_fraction_of_peak"] == pytest.approx(0.2)
+    assert cases[1]["python_loop_examples_per_s"] == 150.0 and cases[1]["vs_python_loop"] == 2.0
+    assert cases[1]["python_loop_one_device_examples_per_s"] == 50.0
+    assert split == [{"name": "a", "one_device": 120.0, "split": 300.0}]

@@ -103,6 +103,8 @@ def main(argv=None) -> dict:
         results["cases"] = cases
         _write(args.out, results)
     results["cases"] = cases
+    if args.loop_only:  # the one-device child: its parent merges these rows
+        return results
     if jax.device_count() > 1 and not args.no_split and not args.smoke:
         results["split_host"] = merge_one_device(cases, _one_device_child(args, cases))
     results["targets"] = check_targets(cases)
