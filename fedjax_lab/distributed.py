@@ -31,7 +31,6 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedjax_lab import maps as maps_lib
 from fedjax_lab._types import PyTree
@@ -203,5 +202,4 @@ def replicate(tree: PyTree, devices: Sequence | None = None) -> PyTree:
       (True, True)
     """
     devs = jax.devices() if devices is None else list(devices)
-    mesh = Mesh(np.array(devs), (maps_lib._AXIS,))
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    return jax.device_put(tree, maps_lib._replicated(devs))

@@ -228,8 +228,7 @@ def _sharded(inner: ClientMap, devices: tuple | None) -> ClientMap:
                 # Across processes a clients-sharded output would be readable only in parts on
                 # each process; replicate it (the engine gathers it anyway: robust aggregators,
                 # per-client state tables).
-                replicated = NamedSharding(mesh, PartitionSpec())
-                stacked = jax.lax.with_sharding_constraint(stacked, replicated)
+                stacked = jax.lax.with_sharding_constraint(stacked, _replicated(devs))
         head_out = None if summed is None else (summed, stacked)
         if main < c:
             tail = jax.tree.map(lambda a: a[main:], xs)
@@ -265,7 +264,12 @@ def state_sharding(client_map: ClientMap, cohort_size: int) -> NamedSharding | N
     devs = list(devices) if devices is not None else jax.devices()
     if len(devs) < 2 or cohort_size < len(devs):
         return None
-    return NamedSharding(Mesh(np.array(devs), (_AXIS,)), PartitionSpec())
+    return _replicated(devs)
+
+
+def _replicated(devices: Sequence) -> NamedSharding:
+    """Every value whole on each of ``devices`` (the mesh ``sharded`` builds over them)."""
+    return NamedSharding(Mesh(np.array(list(devices)), (_AXIS,)), PartitionSpec())
 
 
 def sharded(inner: ClientMap | None = None, devices: Sequence | None = None) -> ClientMap:

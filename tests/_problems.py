@@ -59,3 +59,26 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 def assert_trees_equal(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def run_on_host_devices(
+    script: str, tmp_path, num_devices: int = 2, *args: str, timeout: int = 300
+) -> str:
+    """Runs ``script`` in a fresh Python whose host is split into ``num_devices`` XLA devices.
+
+    The device count is fixed when JAX starts, so multi-device checks run in a subprocess.
+    Returns its stdout; fails the test with the tail of its stderr if it exits non-zero.
+    """
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "on_host_devices.py"
+    path.write_text(script)
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+    res = subprocess.run(
+        [sys.executable, str(path), *args], env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res.stdout

@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _problems import assert_trees_close, init_params, loss_fn, population
+from _problems import (
+    assert_trees_close,
+    init_params,
+    loss_fn,
+    population,
+    run_on_host_devices,
+)
 
 import fedjax_lab as fl
 from fedjax_lab import rounds
@@ -79,17 +85,7 @@ print("DIFF", diff)
 def test_a_recurrent_model_runs_sharded_over_two_devices(tmp_path):
     """flax's nn.RNN starts its scan from a constant carry; under shard_map that must not trip
     the varying-axes check (it did), and the result equals the sequential map's."""
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "recurrent.py"
-    script.write_text(_RECURRENT_SHARDED)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    values = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    stdout = run_on_host_devices(_RECURRENT_SHARDED, tmp_path, 2)
+    values = dict(line.split(" ", 1) for line in stdout.splitlines() if " " in line)
     assert float(values["MOVED"]) > 1e-3
     assert float(values["DIFF"]) < 1e-5

@@ -6,7 +6,14 @@ import contextlib
 
 import jax
 import numpy as np
-from _problems import assert_trees_equal, cohort, init_params, loss_fn, population
+from _problems import (
+    assert_trees_equal,
+    cohort,
+    init_params,
+    loss_fn,
+    population,
+    run_on_host_devices,
+)
 
 import fedjax_lab as fl
 
@@ -127,18 +134,9 @@ def test_sharded_auto_map_does_not_recompile_round_two(tmp_path):
     """On 2 host devices auto() shards; the state a sharded round returns is replicated over the
     mesh, and a fresh state is placed there first, so the second call compiles nothing."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    script = tmp_path / "sharded.py"
-    script.write_text(_SHARDED_SCRIPT)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    stdout = run_on_host_devices(_SHARDED_SCRIPT, tmp_path, 2)
+    lines = dict(line.split(" ", 1) for line in stdout.splitlines() if " " in line)
     assert lines["MAP"].startswith("sharded(")
     first, second, third = json.loads(lines["COMPILES"])
     assert first > 0 and second == first and third == first, lines["COMPILES"]

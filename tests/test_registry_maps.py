@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
+
+from _problems import run_on_host_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -49,15 +49,8 @@ def test_every_registered_algorithm_agrees_across_client_maps(tmp_path):
 
     import fedjax_lab as fl
 
-    path = tmp_path / "registry_maps.py"
-    path.write_text(SCRIPT)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    res = subprocess.run(
-        [sys.executable, str(path), os.path.dirname(__file__)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert res.returncode == 0, res.stderr[-4000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    stdout = run_on_host_devices(SCRIPT, tmp_path, 2, os.path.dirname(__file__), timeout=900)
+    out = json.loads(stdout.strip().splitlines()[-1])
     names = sorted(fl.algorithms.REGISTRY)
     assert {k.split("/")[0] for k in out} == set(names)
     for name in names:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -20,6 +18,7 @@ from _problems import (
     init_params,
     loss_fn,
     population,
+    run_on_host_devices,
 )
 
 import fedjax_lab as fl
@@ -83,15 +82,8 @@ def test_sharded_map_agrees_on_four_host_devices(tmp_path):
         print(json.dumps(out))
         """
     )
-    path = tmp_path / "sharded.py"
-    path.write_text(script)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    res = subprocess.run(
-        [sys.executable, str(path), os.path.dirname(__file__)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    stdout = run_on_host_devices(script, tmp_path, 4, os.path.dirname(__file__))
+    out = json.loads(stdout.strip().splitlines()[-1])
     assert out["auto_choice"].startswith("sharded(sequential()")
     for alg in ("fedavg", "fedadam"):
         ref = out[f"{alg}/sequential"]

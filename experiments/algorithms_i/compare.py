@@ -69,6 +69,18 @@ EXCLUDED: dict[str, dict[str, str]] = {}
 
 DATASETS = ("digits", "shakespeare")
 
+# Hyper-parameters every dataset uses (from experiments/configs/*.toml); the rest per dataset.
+SHARED_HPARAMS: dict[str, dict[str, Any]] = {
+    "scaffold": {"server_learning_rate": 1.0},
+    "feddyn": {"alpha": 0.01},
+    "fednova": {"server_learning_rate": 1.0},
+    "mime": {"beta": 0.9},
+    "mimelite": {"beta": 0.9},
+    "fedavg_momentum": {"beta": 0.1},
+    "fedau": {"cutoff": 50},
+    "ditto": {"lam": 0.1},
+}
+
 
 def settings(smoke: bool) -> dict[str, dict[str, Any]]:
     """The experiment settings per dataset (``smoke``: a tiny budget for the tests)."""
@@ -85,15 +97,8 @@ def settings(smoke: bool) -> dict[str, dict[str, Any]]:
         "head": "Dense_1",
         "eval_curve_points": 5,
         "hparams": {
-            "scaffold": {"server_learning_rate": 1.0},
-            "feddyn": {"alpha": 0.01},
-            "fednova": {"server_learning_rate": 1.0},
-            "mime": {"beta": 0.9},
-            "mimelite": {"beta": 0.9},
-            "fedavg_momentum": {"beta": 0.1},
-            "fedau": {"cutoff": 50},
+            **SHARED_HPARAMS,
             "feddisco": {"num_classes": 10, "a": 0.5, "b": 0.1},
-            "ditto": {"lam": 0.1},
             # paper: lam 15, K 5, personal lr 0.09, eta 0.005; eta raised to 0.05
             # (eta * lam = 0.75 < 1) so w moves at a rate comparable to the others' in 150 rounds
             "pfedme": {
@@ -121,15 +126,8 @@ def settings(smoke: bool) -> dict[str, dict[str, Any]]:
         "head": "Dense_0",
         "eval_curve_points": 3,
         "hparams": {
-            "scaffold": {"server_learning_rate": 1.0},
-            "feddyn": {"alpha": 0.01},
-            "fednova": {"server_learning_rate": 1.0},
-            "mime": {"beta": 0.9},
-            "mimelite": {"beta": 0.9},
-            "fedavg_momentum": {"beta": 0.1},
-            "fedau": {"cutoff": 50},
+            **SHARED_HPARAMS,
             "feddisco": {"num_classes": fl.datasets.SHAKESPEARE_VOCAB_SIZE, "a": 0.5, "b": 0.1},
-            "ditto": {"lam": 0.1},
             # lam 15 with eta <= 1/lam would train w ~20x slower than lr 1.0; a smaller lam keeps
             # eta * lam = 0.75 and the inner step lr_p * lam = 0.75 while eta = 0.5
             "pfedme": {
