@@ -9,13 +9,11 @@ from fedjax_lab import (
     aggregators,
     algorithms,
     attacks,
-    checkpoint,
-    cli,
     client,
     compression,
     data,
     distributed,
-    experiment,
+    kit,
     maps,
     metrics,
     models,
@@ -23,6 +21,7 @@ from fedjax_lab import (
     privacy,
     robust,
     server,
+    sweep,
     tree,
 )
 from fedjax_lab._types import (
@@ -38,7 +37,18 @@ from fedjax_lab._types import (
 from fedjax_lab.data import FederatedData, datasets, partition
 from fedjax_lab.metrics import evaluate
 from fedjax_lab.rounds import client_state_bytes, run_round, run_rounds
-from fedjax_lab.sweep import grid, sweep
+from fedjax_lab.sweep import grid
+from fedjax_lab.sweep import sweep as run_sweep
+
+_LAZY = ("checkpoint", "cli", "experiment")  # orbax-checkpoint and the CLI load on first use
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"fedjax_lab.{name}")
+    raise AttributeError(f"module 'fedjax_lab' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
@@ -66,6 +76,7 @@ __all__ = [
     "evaluate",
     "experiment",
     "grid",
+    "kit",
     "maps",
     "metrics",
     "models",
@@ -75,6 +86,7 @@ __all__ = [
     "robust",
     "run_round",
     "run_rounds",
+    "run_sweep",
     "server",
     "sweep",
     "tree",

@@ -131,6 +131,11 @@ class FederatedAlgorithm(NamedTuple):
       server_update: ``server_update(server_state, aggregate, key) -> ServerState``: applies
         the aggregate (the pseudo-gradient for FedOpt) to the server state.
       name: a short human-readable name.
+      update_is_delta: whether the client update is the plain model delta (a tree shaped like
+        the params, aggregated as one), so that another aggregator, differential privacy or
+        error-feedback compression may take over its aggregation (see
+        :func:`fedjax_lab.algorithms.with_aggregator`). ``False`` for algorithms whose clients
+        send more than the delta (SCAFFOLD's ``(Δx, Δc)``, FedNova's ``(d, a)``, ...).
     """
 
     init: Callable[..., ServerState]
@@ -138,6 +143,7 @@ class FederatedAlgorithm(NamedTuple):
     aggregator: Aggregator
     server_update: Callable[[ServerState, PyTree, PRNGKey], ServerState]
     name: str = "federated_algorithm"
+    update_is_delta: bool = True
 
 
 class ClientSampler(NamedTuple):

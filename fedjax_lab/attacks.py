@@ -11,25 +11,149 @@ random set of that size, or, without ``N``, a seeded coin per id), and then
 ``label_flip``  trains on labels ``y -> num_classes - 1 - y`` (honest training, poisoned data)
 ==============  ===========================================================================
 
-:func:`robust_fed_avg` (registered as ``"robust_fedavg"``) is FedAvg with a robust aggregator
-chosen by name and, optionally, under one of these attacks: the robustness experiment in one
-config entry.
+Each attack is an :class:`Attack` built by its factory in :data:`REGISTRY` (the ``[attack]``
+table of a config); :func:`attacked` wraps ANY algorithm with one. (The registered algorithm
+``"robust_fedavg"``, :func:`fedjax_lab.algorithms.robust_fed_avg`, is FedAvg with a robust
+aggregator and one of these attacks.)
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_lab import robust
-from fedjax_lab._types import ClientInput, ClientOutput, FederatedAlgorithm, LossFn, PRNGKey
-from fedjax_lab.algorithms._registry import register
+from fedjax_lab._registry import Registry
+from fedjax_lab._types import Batch, ClientInput, ClientOutput, FederatedAlgorithm, PRNGKey, PyTree
 
-__all__ = ["ATTACKS", "attacked", "is_malicious", "robust_fed_avg"]
+__all__ = [
+    "ATTACKS",
+    "REGISTRY",
+    "Attack",
+    "attacked",
+    "gaussian",
+    "is_malicious",
+    "label_flip",
+    "scale",
+    "sign_flip",
+]
+
+
+class Attack(NamedTuple):
+    """What a malicious client does, inside the compiled round.
+
+    Attributes:
+      poison_batches: ``poison_batches(batches, bad) -> batches`` before local training
+        (``bad``: whether this client is malicious, a traced bool), or ``None``.
+      poison_update: ``poison_update(update, bad, key) -> update`` after it, or ``None``.
+      name: a short label.
+    """
+
+    poison_batches: Callable[[Batch, jax.Array], Batch] | None
+    poison_update: Callable[[PyTree, jax.Array, PRNGKey], PyTree] | None
+    name: str
+
+
+REGISTRY = Registry("attack")
+"""Attacks by short name (the ``[attack]`` table of a config): ``REGISTRY[name](**options)``."""
+
+
+@REGISTRY.register("sign_flip")
+def sign_flip(scale: float = 1.0) -> Attack:
+    """Sends ``-scale * Δ`` (Fang et al. 2020).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> sign_flip(2.0).poison_update(jnp.ones(2), jnp.bool_(True), jax.random.key(0)).tolist()
+      [-2.0, -2.0]
+    """
+    factor = -1.0 * scale
+
+    def poison(update, bad, key):
+        del key
+        return optax.tree.where(bad, optax.tree.scale(factor, update), update)
+
+    return Attack(None, poison, "sign_flip")
+
+
+@REGISTRY.register("scale")
+def scale(scale: float = 10.0) -> Attack:
+    """Sends ``scale * Δ`` (model boosting, Bhagoji et al. 2019).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> scale(10.0).poison_update(jnp.ones(1), jnp.bool_(True), jax.random.key(0)).tolist()
+      [10.0]
+    """
+    factor = scale
+
+    def poison(update, bad, key):
+        del key
+        return optax.tree.where(bad, optax.tree.scale(factor, update), update)
+
+    return Attack(None, poison, "scale")
+
+
+@REGISTRY.register("gaussian")
+def gaussian(noise_std: float = 1.0) -> Attack:
+    """Sends ``N(0, noise_std² I)`` instead of ``Δ`` (Blanchard et al. 2017).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> out = gaussian(0.0).poison_update(jnp.ones(3), jnp.bool_(True), jax.random.key(0))
+      >>> out.tolist()
+      [0.0, 0.0, 0.0]
+    """
+    if not noise_std >= 0:
+        raise ValueError(f"noise_std: must be >= 0, got {noise_std!r}.")
+
+    def poison(update, bad, key):
+        leaves, treedef = jax.tree.flatten(update)
+        keys = jax.random.split(jax.random.fold_in(key, 0x5EED), max(len(leaves), 1))
+        noise = [
+            (noise_std * jax.random.normal(k, x.shape)).astype(x.dtype)
+            for x, k in zip(leaves, keys[: len(leaves)], strict=True)
+        ]
+        return optax.tree.where(bad, jax.tree.unflatten(treedef, noise), update)
+
+    return Attack(None, poison, "gaussian")
+
+
+@REGISTRY.register("label_flip")
+def label_flip(num_classes: int, label_key: str = "y") -> Attack:
+    """Trains honestly on flipped labels ``y -> num_classes - 1 - y`` (Fang et al. 2020).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> b = label_flip(10).poison_batches({"y": jnp.array([0, 9])}, jnp.bool_(True))
+      >>> b["y"].tolist()
+      [9, 0]
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(
+            f"num_classes: attack='label_flip' needs the number of classes (>= 2), "
+            f"got {num_classes!r}."
+        )
+
+    def poison(batches, bad):
+        if label_key not in batches:
+            raise ValueError(
+                f"label_key: the batches have no {label_key!r} entry to flip "
+                f"(entries: {sorted(batches)})."
+            )
+        y = batches[label_key]
+        flipped = jnp.where(bad, num_classes - 1 - y, y).astype(y.dtype)
+        return {**batches, label_key: flipped}
+
+    return Attack(poison, None, "label_flip")
+
 
 ATTACKS = ("gaussian", "label_flip", "none", "scale", "sign_flip")
+"""The attack names :func:`attacked` accepts (``"none"`` and the keys of :data:`REGISTRY`)."""
 
 
 def is_malicious(
@@ -74,7 +198,7 @@ def is_malicious(
 
 def attacked(
     alg: FederatedAlgorithm,
-    attack: str,
+    attack: str | Attack,
     *,
     fraction: float = 0.3,
     num_clients: int | None = None,
@@ -86,24 +210,26 @@ def attacked(
 ) -> FederatedAlgorithm:
     """``alg`` with its malicious clients (see :func:`is_malicious`) running ``attack``.
 
-    Honest clients run ``alg.client_update`` unchanged. The attacked update replaces every leaf
-    of the update tree. Metrics gain ``malicious_clients`` (malicious clients of weight > 0
-    in the cohort). Everything else (init, aggregator, server step) is ``alg``'s.
+    Honest clients run ``alg.client_update`` unchanged. Metrics gain ``malicious_clients``
+    (malicious clients of weight > 0 in the cohort). Everything else (init, aggregator, server
+    step) is ``alg``'s.
 
     Args:
       alg: the algorithm to attack.
-      attack: one of :data:`ATTACKS` (``"none"`` returns ``alg`` itself).
+      attack: an :class:`Attack` (e.g. ``sign_flip(4.0)``), or one of :data:`ATTACKS` by name
+        (``"none"`` returns ``alg`` itself), built with ``scale``, ``noise_std``,
+        ``num_classes`` and ``label_key`` as its factory takes them.
       fraction: fraction of malicious clients in ``[0, 1]``.
       num_clients: population size (see :func:`is_malicious`).
       seed: seed of the malicious set (see :func:`is_malicious`).
-      scale: ``sign_flip``: sends ``-scale Δ`` (default 1); ``scale``: sends ``scale Δ``
-        (default 10).
-      noise_std: standard deviation of the ``gaussian`` attack.
-      num_classes: number of classes, required by ``label_flip``.
-      label_key: the batch entry holding integer labels (``label_flip``).
+      scale: by name only: ``sign_flip`` sends ``-scale Δ`` (default 1), ``scale`` sends
+        ``scale Δ`` (default 10).
+      noise_std: by name only: standard deviation of the ``gaussian`` attack.
+      num_classes: by name only: number of classes, required by ``label_flip``.
+      label_key: by name only: the batch entry holding integer labels (``label_flip``).
 
     Returns:
-      A :class:`~fedjax_lab.FederatedAlgorithm` named ``f"{alg.name}+{attack}"``.
+      A :class:`~fedjax_lab.FederatedAlgorithm` named ``f"{alg.name}+{attack name}"``.
 
     References:
       Blanchard et al. 2017 (Gaussian), Baruch et al. 2019, Fang et al., "Local Model Poisoning
@@ -118,124 +244,38 @@ def attacked(
     """
     if not isinstance(alg, FederatedAlgorithm):
         raise TypeError(f"alg: expected a fl.FederatedAlgorithm, got {type(alg).__name__}.")
-    if attack not in ATTACKS:
-        raise ValueError(
-            f"attack: got {attack!r}; allowed: {', '.join(repr(a) for a in ATTACKS)}."
-        )
+    if isinstance(attack, str):
+        if attack not in ATTACKS:
+            raise ValueError(
+                f"attack: got {attack!r}; allowed: {', '.join(repr(a) for a in ATTACKS)}."
+            )
+    elif not isinstance(attack, Attack):
+        raise TypeError(f"attack: expected an Attack or a name, got {type(attack).__name__}.")
     is_malicious(jnp.zeros((), jnp.int32), fraction=fraction, num_clients=num_clients, seed=seed)
     if attack == "none":
         return alg
-    if attack == "label_flip" and (not isinstance(num_classes, int) or num_classes < 2):
-        raise ValueError(
-            f"num_classes: attack='label_flip' needs the number of classes (>= 2), "
-            f"got {num_classes!r}."
-        )
-    if not noise_std >= 0:
-        raise ValueError(f"noise_std: must be >= 0, got {noise_std!r}.")
-    factor = {"sign_flip": -1.0 * (1.0 if scale is None else scale),
-              "scale": 10.0 if scale is None else scale}.get(attack, 1.0)
+    if isinstance(attack, str):
+        options = {
+            "sign_flip": {"scale": 1.0 if scale is None else scale},
+            "scale": {"scale": 10.0 if scale is None else scale},
+            "gaussian": {"noise_std": noise_std},
+            "label_flip": {"num_classes": num_classes, "label_key": label_key},
+        }[attack]
+        attack = REGISTRY[attack](**options)
 
     def client_update(state, client: ClientInput, key: PRNGKey) -> ClientOutput:
         bad = is_malicious(
             client.client_id, fraction=fraction, num_clients=num_clients, seed=seed
         )
-        if attack == "label_flip":
-            if label_key not in client.batches:
-                raise ValueError(
-                    f"label_key: the batches have no {label_key!r} entry to flip "
-                    f"(entries: {sorted(client.batches)})."
-                )
-            y = client.batches[label_key]
-            flipped = jnp.where(bad, num_classes - 1 - y, y).astype(y.dtype)
-            client = client._replace(batches={**client.batches, label_key: flipped})
+        if attack.poison_batches is not None:
+            client = client._replace(batches=attack.poison_batches(client.batches, bad))
         out = alg.client_update(state, client, key)
         update = out.update
-        if attack in ("sign_flip", "scale"):
-            update = optax.tree.where(bad, optax.tree.scale(factor, update), update)
-        elif attack == "gaussian":
-            leaves, treedef = jax.tree.flatten(update)
-            keys = jax.random.split(jax.random.fold_in(key, 0x5EED), max(len(leaves), 1))
-            noise = [
-                (noise_std * jax.random.normal(k, x.shape)).astype(x.dtype)
-                for x, k in zip(leaves, keys[: len(leaves)], strict=True)
-            ]
-            update = optax.tree.where(bad, jax.tree.unflatten(treedef, noise), update)
+        if attack.poison_update is not None:
+            update = attack.poison_update(update, bad, key)
         metrics = dict(out.metrics)
         took_part = jnp.asarray(out.weight) > 0
         metrics["malicious_clients"] = (bad & took_part).astype(jnp.float32)
         return out._replace(update=update, metrics=metrics)
 
-    return alg._replace(client_update=client_update, name=f"{alg.name}+{attack}")
-
-
-@register("robust_fedavg")
-def robust_fed_avg(
-    loss_fn: LossFn,
-    client_optimizer: optax.GradientTransformation | None = None,
-    aggregator: str = "median",
-    server_learning_rate: float = 1.0,
-    *,
-    beta: float = 0.1,
-    f: int = 1,
-    m: int | None = None,
-    gm_iters: int = 10,
-    nu: float = 1e-6,
-    tau: float = 1.0,
-    cc_iters: int = 1,
-    attack: str = "none",
-    attack_fraction: float = 0.0,
-    attack_num_clients: int | None = None,
-    attack_seed: int | None = None,
-    attack_scale: float | None = None,
-    attack_noise_std: float = 1.0,
-    num_classes: int | None = None,
-    **kwargs,
-) -> FederatedAlgorithm:
-    """FedAvg whose aggregate is a robust rule chosen by name, optionally under attack.
-
-    ``x_{t+1} = x_t - η_g Agg({Δ_i})`` with ``Agg`` = :func:`fedjax_lab.robust.from_name`
-    (``aggregator`` in ``"mean"``, ``"median"``, ``"trimmed_mean"``, ``"krum"``,
-    ``"multi_krum"``, ``"geometric_median"``, ``"centered_clipping"``), and the clients of
-    :func:`attacked` (``attack``, ``attack_fraction``, ...) poisoned.
-
-    Args:
-      loss_fn: mean loss over real examples.
-      client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
-      aggregator: the rule's short name.
-      server_learning_rate: ``η_g``.
-      beta, f, m, gm_iters, nu, tau, cc_iters: the rules' hyper-parameters (see
-        :mod:`fedjax_lab.robust`).
-      attack, attack_fraction, attack_num_clients, attack_seed, attack_scale,
-        attack_noise_std, num_classes: passed to :func:`attacked` as ``attack``, ``fraction``,
-        ``num_clients``, ``seed``, ``scale``, ``noise_std``, ``num_classes``.
-      **kwargs: passed to :func:`fedjax_lab.algorithms.fed_opt`.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> alg = robust_fed_avg(lambda p, b, k: jnp.sum(p ** 2), aggregator="trimmed_mean",
-      ...                      attack="sign_flip", attack_fraction=0.2)
-      >>> alg.name, alg.aggregator.reduce
-      ('robust_fedavg+sign_flip', 'stack')
-    """
-    from fedjax_lab import server as server_lib
-    from fedjax_lab.algorithms.fedavg import fed_opt
-
-    agg = robust.from_name(
-        aggregator, beta=beta, f=f, m=m, gm_iters=gm_iters, nu=nu, tau=tau, cc_iters=cc_iters
-    )
-    name = kwargs.pop("name", None)
-    alg = fed_opt(
-        loss_fn, client_optimizer, server_lib.fed_sgd(server_learning_rate), aggregator=agg,
-        name="robust_fedavg", **kwargs,
-    )
-    alg = attacked(
-        alg,
-        attack,
-        fraction=attack_fraction,
-        num_clients=attack_num_clients,
-        seed=attack_seed,
-        scale=attack_scale,
-        noise_std=attack_noise_std,
-        num_classes=num_classes,
-    )
-    return alg if name is None else alg._replace(name=name)
+    return alg._replace(client_update=client_update, name=f"{alg.name}+{attack.name}")

@@ -27,30 +27,32 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from fedjax_lab import server as server_lib
+from fedjax_lab import kit
 from fedjax_lab import tree as tree_lib
+from fedjax_lab._registry import Registry
 from fedjax_lab._types import (
     ClientInput,
     ClientOutput,
     FederatedAlgorithm,
-    LossFn,
     Params,
     PRNGKey,
     PyTree,
     ServerState,
 )
-from fedjax_lab.algorithms._registry import register
 
 __all__ = [
+    "REGISTRY",
     "Compressor",
     "compressed",
-    "fed_avg_qsgd",
-    "fed_avg_topk",
     "identity",
     "qsgd",
     "random_k",
     "top_k",
 ]
+
+
+REGISTRY = Registry("compressor")
+"""Compressors by short name (the ``[compression]`` table of a config)."""
 
 
 class Compressor(NamedTuple):
@@ -95,6 +97,7 @@ def _check_fraction_k(fraction, k):
         raise ValueError(f"fraction: the kept fraction must lie in (0, 1], got {fraction!r}.")
 
 
+@REGISTRY.register("identity")
 def identity() -> Compressor:
     """No compression; costs 32 bits an entry.
 
@@ -106,6 +109,7 @@ def identity() -> Compressor:
     return Compressor(lambda tree, key: tree, lambda tree: 32 * _size(tree), "identity")
 
 
+@REGISTRY.register("top_k")
 def top_k(fraction: float = 0.01, *, k: int | None = None) -> Compressor:
     """Keeps the ``k`` entries of largest magnitude of the whole (flattened) update.
 
@@ -142,6 +146,7 @@ def top_k(fraction: float = 0.01, *, k: int | None = None) -> Compressor:
     return Compressor(_on_vector(keep), bits, f"top_k({k if k is not None else fraction})")
 
 
+@REGISTRY.register("random_k")
 def random_k(
     fraction: float = 0.01, *, k: int | None = None, unbiased: bool = False
 ) -> Compressor:
@@ -181,6 +186,7 @@ def random_k(
     return Compressor(_on_vector(keep), bits, f"random_k({k if k is not None else fraction})")
 
 
+@REGISTRY.register("qsgd")
 def qsgd(bits: int = 4) -> Compressor:
     """QSGD stochastic uniform quantisation with ``b`` bits per entry (plus a sign bit).
 
@@ -277,8 +283,12 @@ def compressed(
             f"error_feedback: expected None, 'none', 'ef' or 'ef21', got {error_feedback!r}."
         )
     ef = None if error_feedback in (None, "none") else error_feedback
-    if num_clients is not None and (not isinstance(num_clients, int) or num_clients < 1):
-        raise ValueError(f"num_clients: need a whole number >= 1 or None, got {num_clients!r}.")
+    kit.check_count("num_clients", num_clients, optional=True)
+    if ef is not None and not alg.update_is_delta:
+        raise ValueError(
+            f"error_feedback: the memory is shaped like the params, but {alg.name}'s clients send "
+            "more than the model delta; use error_feedback=None for this algorithm."
+        )
 
     default_num_clients = num_clients
 
@@ -287,11 +297,8 @@ def compressed(
         inner = alg.init(params, n)
         if ef is None:
             return inner
-        memory = (
-            jax.tree.map(lambda x: jnp.zeros((n,) + jnp.shape(x), jnp.result_type(x)), params)
-            if n is not None
-            else ()  # only shape checks build a state without a population size
-        )
+        # only shape checks build a state without a population size
+        memory = kit.zeros_per_client(params, n) if n is not None else ()
         return inner._replace(client_states=(inner.client_states, memory))
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
@@ -342,67 +349,6 @@ def compressed(
         return new._replace(client_states=(new.client_states, memory))
 
     return FederatedAlgorithm(
-        init, client_update, alg.aggregator, server_update, f"{alg.name}+{compressor.name}"
+        init, client_update, alg.aggregator, server_update, f"{alg.name}+{compressor.name}",
+        alg.update_is_delta,
     )
-
-
-def _fed_avg(loss_fn, client_optimizer, server_learning_rate, kwargs):
-    from fedjax_lab.algorithms.fedavg import fed_opt
-
-    return fed_opt(loss_fn, client_optimizer, server_lib.fed_sgd(server_learning_rate), **kwargs)
-
-
-@register("fedavg_topk")
-def fed_avg_topk(
-    loss_fn: LossFn,
-    client_optimizer: optax.GradientTransformation | None = None,
-    fraction: float = 0.01,
-    server_learning_rate: float = 1.0,
-    *,
-    error_feedback: str | None = "ef",
-    num_clients: int | None = None,
-    **kwargs,
-) -> FederatedAlgorithm:
-    """FedAvg whose clients send the top-``fraction`` entries of their delta, with EF memory.
-
-    ``compressed(fed_avg(...), top_k(fraction), error_feedback=...)``; see :func:`compressed`.
-    Error feedback needs the population size: ``alg.init(params, num_clients=N)`` (or
-    ``num_clients=N`` here).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> fed_avg_topk(lambda p, b, k: jnp.sum(p ** 2), fraction=0.1).name
-      'fedavg_topk'
-    """
-    kwargs.setdefault("name", "fedavg_topk")
-    name = kwargs.pop("name")
-    base = _fed_avg(loss_fn, client_optimizer, server_learning_rate, kwargs)
-    alg = compressed(base, top_k(fraction), error_feedback=error_feedback, num_clients=num_clients)
-    return alg._replace(name=name)
-
-
-@register("fedavg_qsgd")
-def fed_avg_qsgd(
-    loss_fn: LossFn,
-    client_optimizer: optax.GradientTransformation | None = None,
-    bits: int = 4,
-    server_learning_rate: float = 1.0,
-    *,
-    error_feedback: str | None = None,
-    num_clients: int | None = None,
-    **kwargs,
-) -> FederatedAlgorithm:
-    """FedAvg whose clients send QSGD-quantised deltas (``bits`` per entry, unbiased).
-
-    ``compressed(fed_avg(...), qsgd(bits), error_feedback=...)``; see :func:`compressed`.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> fed_avg_qsgd(lambda p, b, k: jnp.sum(p ** 2), bits=2).name
-      'fedavg_qsgd'
-    """
-    kwargs.setdefault("name", "fedavg_qsgd")
-    name = kwargs.pop("name")
-    base = _fed_avg(loss_fn, client_optimizer, server_learning_rate, kwargs)
-    alg = compressed(base, qsgd(bits), error_feedback=error_feedback, num_clients=num_clients)
-    return alg._replace(name=name)

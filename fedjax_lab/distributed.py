@@ -4,7 +4,7 @@ The same script runs on every process (one per host, or one per accelerator). Af
 :func:`initialize`, ``jax.devices()`` lists every process's devices, :func:`fedjax_lab.maps.sharded`
 splits each round's clients over all of them and sums with one ``psum`` across hosts, and the
 new server state comes back replicated, readable on every process. There is no RPC layer of
-our own (DESIGN §6): the coordinator only introduces the processes to each other; collectives
+our own: the coordinator only introduces the processes to each other; collectives
 are XLA's (NCCL on GPU, ICI/DCN on TPU, Gloo on CPU).
 
 What each process must do (the contract JAX's multi-controller mode relies on):

@@ -185,6 +185,106 @@ def _factory_params(fn) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(fn).parameters)
 
 
+PARTS = ("aggregator", "attack", "compression", "privacy", "server_optimizer")
+"""The tables an ``[[algorithms]]`` entry may hold to compose parts with its algorithm:
+``[algorithms.aggregator]`` (:data:`fedjax_lab.aggregators.REGISTRY`), ``[algorithms.attack]``
+(:data:`fedjax_lab.attacks.REGISTRY`, plus ``fraction``, ``num_clients``, ``seed``),
+``[algorithms.compression]`` (:data:`fedjax_lab.compression.REGISTRY`, plus
+``error_feedback``, ``num_clients``), ``[algorithms.privacy]`` (the options of
+:func:`fedjax_lab.algorithms.with_privacy`) and ``[algorithms.server_optimizer]``
+(:data:`fedjax_lab.server.REGISTRY`, plus ``rules``: a list of tables ``{match, name, ...}``
+giving the leaves whose path matches the regular expression ``match`` their own optimiser)."""
+
+_ATTACK_SELECTION = ("fraction", "num_clients", "seed")
+_COMPRESSION_OWN = ("error_feedback", "num_clients")
+
+
+def _is_part(key: str, value: Any) -> bool:
+    """A part table (``[algorithms.aggregator]``); a plain value is the factory's own argument."""
+    return key in PARTS and isinstance(value, dict)
+
+
+def _shape_only_loss(params, batch, key):  # stands in for the model's loss while validating
+    del params, batch, key
+    return 0.0
+
+
+def _part_table(where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table with a 'name', got {value!r}.")
+    if "name" not in value:
+        raise ConfigError(f"{where}.name: required (which one to use).")
+    return value
+
+
+def _check_registry(registry, where: str, table: dict, extra: tuple[str, ...] = ()) -> None:
+    options = {k: v for k, v in table.items() if k != "name" and k not in extra}
+    try:
+        registry.check(table["name"], options, where=where)
+    except ValueError as e:
+        msg = str(e)
+        if extra and "not an option" in msg:
+            msg = msg[:-1] + f" (and {_allowed(extra)})."
+        raise ConfigError(msg) from e
+
+
+def _check_parts(where: str, alg: dict[str, Any], params: dict[str, Any]) -> None:
+    """Checks every part table of one ``[[algorithms]]`` entry (keys and names only)."""
+    from fedjax_lab import aggregators as aggregators_lib
+    from fedjax_lab import attacks as attacks_lib
+    from fedjax_lab import compression as compression_lib
+    from fedjax_lab import server as server_lib
+    from fedjax_lab.algorithms import with_privacy
+
+    alg = {k: v for k, v in alg.items() if not (k in PARTS and not _is_part(k, v))}
+    if "aggregator" in alg and "privacy" in alg:
+        raise ConfigError(
+            f"{where}: give [aggregator] or [privacy], not both (differential privacy is an "
+            "aggregator of its own: clipping and noise on the sum)."
+        )
+    if "aggregator" in alg:
+        w = f"{where}.aggregator"
+        _check_registry(aggregators_lib.REGISTRY, w, _part_table(w, alg["aggregator"]))
+    if "attack" in alg:
+        w = f"{where}.attack"
+        _check_registry(attacks_lib.REGISTRY, w, _part_table(w, alg["attack"]),
+                        _ATTACK_SELECTION)
+    if "compression" in alg:
+        w = f"{where}.compression"
+        _check_registry(compression_lib.REGISTRY, w, _part_table(w, alg["compression"]),
+                        _COMPRESSION_OWN)
+    if "privacy" in alg:
+        w = f"{where}.privacy"
+        table = alg["privacy"]
+        if not isinstance(table, dict):
+            raise ConfigError(f"{w}: expected a table, got {table!r}.")
+        allowed = set(inspect.signature(with_privacy).parameters) - {"alg"}
+        for key in table:
+            if key not in allowed:
+                raise ConfigError(f"{w}.{key}: unknown key; allowed: {_allowed(allowed)}.")
+    if "server_optimizer" in alg:
+        w = f"{where}.server_optimizer"
+        if "server_optimizer" not in params:
+            raise ConfigError(
+                f"{w}: {alg['name']!r} fixes its own server optimiser; use name = 'fedopt' "
+                "(or 'fedavg') with this [server_optimizer] table instead."
+            )
+        table = _part_table(w, alg["server_optimizer"])
+        _check_registry(server_lib.REGISTRY, w, table, ("rules",))
+        rules = table.get("rules", [])
+        if not isinstance(rules, list):
+            raise ConfigError(f"{w}.rules: expected a list of tables, got {rules!r}.")
+        for i, rule in enumerate(rules):
+            wr = f"{w}.rules[{i}]"
+            rule = _part_table(wr, rule)
+            if not isinstance(rule.get("match"), str):
+                raise ConfigError(
+                    f"{wr}.match: required, a regular expression over the leaf path "
+                    "(e.g. 'Dense_0')."
+                )
+            _check_registry(server_lib.REGISTRY, wr, rule, ("match",))
+
+
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Checks a config and fills in defaults from :data:`DEFAULT_CONFIG`; returns the full config.
 
@@ -307,17 +407,24 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         _check_number(f"{where}.client_learning_rate", lr, float, None)
         if not lr > 0:
             raise ConfigError(f"{where}.client_learning_rate: must be > 0, got {lr!r}.")
-        params = _factory_params(REGISTRY[alg["name"]])
-        has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        params = REGISTRY.options(alg["name"], skip=("loss_fn", "client_optimizer"))
         own = {"name", "label", "client_optimizer", "client_learning_rate"}
-        for key in alg:
-            if key in own or key in params:
+        for key, value in alg.items():
+            if key in own or _is_part(key, value):
                 continue
-            if not has_kwargs:
-                raise ConfigError(
-                    f"{where}.{key}: not a hyper-parameter of {alg['name']!r}; allowed: "
-                    f"{_allowed((set(params) - {'loss_fn', 'kwargs'}) | own)}."
-                )
+            if key in params:
+                if key in PARTS and not isinstance(value, (str, int, float, bool)):
+                    raise ConfigError(f"{where}.{key}: expected a table with a 'name'.")
+                continue
+            raise ConfigError(
+                f"{where}.{key}: not a hyper-parameter of {alg['name']!r}; allowed: "
+                f"{_allowed(set(params) | own | set(PARTS))}."
+            )
+        _check_parts(where, alg, params)
+        try:  # every factory checks its own hyper-parameters: before any data loads
+            build_algorithm(alg, _shape_only_loss)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where} ({alg['name']}): {e}") from e
     return cfg
 
 
@@ -389,9 +496,9 @@ def privacy_spent(
       num_clients: the population size ``N``.
 
     Returns:
-      ``None`` unless ``spec`` is ``dp_fedavg``; else a dict with ``epsilon``, ``delta``,
-      ``accountant``, ``sampling``, ``sampling_rate``, ``noise_multiplier``, ``rounds`` and
-      ``sampling_note``.
+      ``None`` unless ``spec`` is ``dp_fedavg`` or holds a ``[privacy]`` table; else a dict
+      with ``epsilon``, ``delta``, ``accountant``, ``sampling``, ``sampling_rate``,
+      ``noise_multiplier``, ``rounds`` and ``sampling_note``.
 
     Example:
       >>> cfg = validate({"algorithms": [{"name": "dp_fedavg", "noise_multiplier": 1.0}],
@@ -400,16 +507,24 @@ def privacy_spent(
       >>> round(spent["epsilon"], 2), spent["sampling_rate"], spent["accountant"]
       (6.82, 0.1, 'rdp')
     """
-    if spec["name"] != "dp_fedavg":
+    if spec["name"] != "dp_fedavg" and "privacy" not in spec:
         return None
     from fedjax_lab import privacy as privacy_lib
 
     privacy = config.get("privacy") or {}
     delta = float(privacy.get("delta", DEFAULT_DELTA))
     accountant = privacy.get("accountant", "rdp")
-    z = spec.get(
-        "noise_multiplier", _factory_params(REGISTRY["dp_fedavg"])["noise_multiplier"].default
-    )
+    if "privacy" in spec:
+        from fedjax_lab.algorithms import with_privacy
+
+        z = spec["privacy"].get(
+            "noise_multiplier", _factory_params(with_privacy)["noise_multiplier"].default
+        )
+    else:
+        z = spec.get(
+            "noise_multiplier",
+            _factory_params(REGISTRY["dp_fedavg"])["noise_multiplier"].default,
+        )
     q, note = _sampling_rate(config, num_clients)
     if q is None:
         eps = None
@@ -486,14 +601,76 @@ def _text_task(data: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
+def _server_optimizer_from(table: dict[str, Any]):
+    from fedjax_lab import server as server_lib
+
+    def make(t: dict[str, Any]):
+        return server_lib.REGISTRY[t["name"]](
+            **{k: v for k, v in t.items() if k not in ("name", "rules", "match")}
+        )
+
+    rules = table.get("rules", [])
+    if not rules:
+        return make(table)
+    return server_lib.per_layer([(r["match"], make(r)) for r in rules], make(table))
+
+
 def build_algorithm(spec: dict[str, Any], loss_fn: LossFn) -> FederatedAlgorithm:
-    """Builds one ``[[algorithms]]`` entry with :data:`fedjax_lab.algorithms.REGISTRY`."""
-    hp = {k: v for k, v in spec.items() if k not in ("name", "label", "client_optimizer",
-                                                     "client_learning_rate")}
+    """Builds one ``[[algorithms]]`` entry: its registered factory, then its part tables.
+
+    The parts wrap the algorithm in this order: ``server_optimizer`` (an argument of the
+    factory), ``attack`` (:func:`fedjax_lab.algorithms.with_attack`), ``compression``
+    (:func:`~fedjax_lab.algorithms.with_compression`), then ``aggregator``
+    (:func:`~fedjax_lab.algorithms.with_aggregator`) or ``privacy``
+    (:func:`~fedjax_lab.algorithms.with_privacy`). The algorithm is named by its ``label``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> spec = {"name": "fedadam", "label": "robust", "server_learning_rate": 0.03,
+      ...         "aggregator": {"name": "trimmed_mean", "trim_fraction": 0.1},
+      ...         "attack": {"name": "sign_flip", "fraction": 0.1, "num_clients": 100},
+      ...         "compression": {"name": "top_k", "fraction": 0.1, "error_feedback": "ef"}}
+      >>> alg = build_algorithm(spec, lambda p, b, k: jnp.sum(p ** 2))
+      >>> alg.name, alg.aggregator.reduce, alg.init(jnp.zeros(3), 100).client_states[1].shape
+      ('robust', 'stack', (100, 3))
+    """
+    from fedjax_lab import aggregators as aggregators_lib
+    from fedjax_lab import algorithms as algorithms_lib
+    from fedjax_lab import attacks as attacks_lib
+    from fedjax_lab import compression as compression_lib
+
+    own = ("name", "label", "client_optimizer", "client_learning_rate")
+    hp = {k: v for k, v in spec.items() if k not in own and not _is_part(k, v)}
+    spec = {k: v for k, v in spec.items() if k in own or _is_part(k, v)}
     make_opt = _CLIENT_OPTIMIZERS[spec.get("client_optimizer", "sgd")]
     client_optimizer = make_opt(spec.get("client_learning_rate", 0.1))
-    hp.setdefault("name", spec.get("label", spec["name"]))
-    return REGISTRY[spec["name"]](loss_fn, client_optimizer=client_optimizer, **hp)
+    label = spec.get("label", spec["name"])
+    if "server_optimizer" in spec:
+        hp["server_optimizer"] = _server_optimizer_from(spec["server_optimizer"])
+    if "name" in REGISTRY.options(spec["name"]):
+        hp.setdefault("name", label)
+    alg = REGISTRY[spec["name"]](loss_fn, client_optimizer=client_optimizer, **hp)
+    if "attack" in spec:
+        table = spec["attack"]
+        options = {k: v for k, v in table.items() if k != "name" and k not in _ATTACK_SELECTION}
+        attack = attacks_lib.REGISTRY[table["name"]](**options)
+        selection = {k: table[k] for k in _ATTACK_SELECTION if k in table}
+        alg = algorithms_lib.with_attack(alg, attack, **selection)
+    if "compression" in spec:
+        table = spec["compression"]
+        options = {k: v for k, v in table.items() if k != "name" and k not in _COMPRESSION_OWN}
+        compressor = compression_lib.REGISTRY[table["name"]](**options)
+        own_opts = {k: table[k] for k in _COMPRESSION_OWN if k in table}
+        alg = algorithms_lib.with_compression(alg, compressor, **own_opts)
+    if "aggregator" in spec:
+        table = spec["aggregator"]
+        alg = algorithms_lib.with_aggregator(
+            alg, aggregators_lib.from_name(table["name"],
+                                           **{k: v for k, v in table.items() if k != "name"})
+        )
+    if "privacy" in spec:
+        alg = algorithms_lib.with_privacy(alg, **spec["privacy"])
+    return alg._replace(name=label)
 
 
 def client_map_from(training: dict[str, Any]) -> ClientMap:
@@ -541,7 +718,8 @@ def build(config: dict[str, Any]) -> Experiment:
             f"{train.num_clients} clients of the data; use <= {train.num_clients}."
         )
     delta = (cfg.get("privacy") or {}).get("delta", DEFAULT_DELTA)
-    if any(spec["name"] == "dp_fedavg" for spec in cfg["algorithms"]) and not (
+    private = any(spec["name"] == "dp_fedavg" or "privacy" in spec for spec in cfg["algorithms"])
+    if private and not (
         delta < 1.0 / train.num_clients
     ):
         raise ConfigError(

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lab import kit
 from fedjax_lab import maps as maps_lib
 from fedjax_lab._types import Batch, ClientMap, LossFn, Params, PRNGKey, PyTree
 from fedjax_lab.client import local_training
@@ -36,12 +37,14 @@ EvalFn = Callable[[Params, Batch], dict[str, jax.Array]]
 def stack_clients(params: PyTree, num_clients: int) -> PyTree:
     """``params`` repeated for every client: leaves ``[num_clients, ...]`` (personal models).
 
+    The same as :func:`fedjax_lab.kit.copies_per_client`.
+
     Example:
       >>> import jax.numpy as jnp
       >>> stack_clients({"w": jnp.ones(2)}, 3)["w"].shape
       (3, 2)
     """
-    return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients,) + jnp.shape(a)), params)
+    return kit.copies_per_client(params, num_clients)
 
 
 def _test_batches(examples, offsets, cid, *, num_batches: int, batch_size: int) -> Batch:

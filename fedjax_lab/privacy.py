@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import dp_accounting
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +24,9 @@ import optax
 
 from fedjax_lab import tree as tree_lib
 from fedjax_lab._types import Aggregator, PRNGKey, PyTree
+
+if TYPE_CHECKING:  # dp-accounting is imported when an accountant first runs
+    import dp_accounting
 
 __all__ = [
     "DPAggregatorState",
@@ -296,6 +298,8 @@ def _dp_event(
     sampling: str,
     num_clients: int | None,
 ) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     if sampling == "poisson":
         gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
         one_round = dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
@@ -313,6 +317,8 @@ def _dp_event(
 
 
 def _make_accountant(accountant: str, sampling: str):
+    import dp_accounting
+
     if accountant == "rdp":
         relation = (
             dp_accounting.NeighboringRelation.REPLACE_ONE
@@ -428,6 +434,7 @@ def noise_multiplier_for(
     _check_positive("target_epsilon", target_epsilon)
     _check_accounting_args(sampling_rate, rounds, delta, accountant, sampling, num_clients)
     make = _make_accountant(accountant, sampling)
+    import dp_accounting
 
     def event(z):
         return _dp_event(z, sampling_rate, rounds, sampling, num_clients)

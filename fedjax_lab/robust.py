@@ -9,7 +9,7 @@ client alike (weights only mask); ``total_weight`` is the sum of the counted wei
 
 =========================  ======================================================================
 :func:`coordinate_median`  per-coordinate median (Yin et al. 2018)
-:func:`trimmed_mean`       per-coordinate mean without the ``beta`` fraction at each end
+:func:`trimmed_mean`       per-coordinate mean without ``trim_fraction`` at each end
 :func:`krum`               the update closest to its ``n - f - 2`` neighbours (Blanchard 2017);
                            Multi-Krum averages the ``m`` best
 :func:`geometric_median`   smoothed Weiszfeld iterations, weighted (RFA, Pillutla et al. 2022)
@@ -26,11 +26,9 @@ import optax
 from fedjax_lab._types import Aggregator, PRNGKey, PyTree
 
 __all__ = [
-    "ROBUST_AGGREGATORS",
     "centered_clipping",
     "coordinate_median",
     "geometric_median",
-    "from_name",
     "krum",
     "multi_krum",
     "trimmed_mean",
@@ -102,14 +100,15 @@ def coordinate_median() -> Aggregator:
     return Aggregator(_no_state, _prepare, finalize, reduce="stack")
 
 
-def trimmed_mean(beta: float = 0.1) -> Aggregator:
-    """The coordinate-wise ``beta``-trimmed mean of the counted clients' updates.
+def trimmed_mean(trim_fraction: float = 0.1) -> Aggregator:
+    """The coordinate-wise ``β``-trimmed mean of the counted clients' updates.
 
-    With ``k`` counted clients and ``t = floor(beta k)``, each coordinate drops its ``t``
+    With ``k`` counted clients and ``t = floor(β k)``, each coordinate drops its ``t``
     smallest and ``t`` largest values and averages the ``k - 2t`` left.
 
     Args:
-      beta: the fraction trimmed at EACH end, ``0 <= beta < 0.5`` (0 gives the plain mean).
+      trim_fraction: ``β``, the fraction trimmed at EACH end, ``0 <= β < 0.5`` (0 gives the
+        plain mean).
 
     Returns:
       An :class:`~fedjax_lab.Aggregator` with ``reduce="stack"``.
@@ -120,13 +119,17 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> agg = trimmed_mean(beta=0.25)
+      >>> agg = trimmed_mean(trim_fraction=0.25)
       >>> stacked = ({"w": jnp.array([[1.0], [100.0], [2.0], [3.0]])}, jnp.ones(4))
       >>> float(agg.finalize(stacked, (), jax.random.key(0))[0]["w"][0])
       2.5
     """
-    if not isinstance(beta, (int, float)) or not 0.0 <= beta < 0.5:
-        raise ValueError(f"beta: trimmed fraction per end must lie in [0, 0.5), got {beta}.")
+    if not isinstance(trim_fraction, (int, float)) or not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(
+            f"trim_fraction: the fraction trimmed at each end must lie in [0, 0.5), "
+            f"got {trim_fraction}."
+        )
+    beta = trim_fraction
 
     def finalize(contributions, state, key: PRNGKey):
         del key
@@ -352,57 +355,3 @@ def centered_clipping(tau: float = 1.0, iters: int = 1) -> Aggregator:
         return v, jnp.sum(weights * (mask > 0)), v
 
     return Aggregator(init, _prepare, finalize, reduce="stack")
-
-
-ROBUST_AGGREGATORS = (
-    "centered_clipping",
-    "geometric_median",
-    "krum",
-    "mean",
-    "median",
-    "multi_krum",
-    "trimmed_mean",
-)
-
-
-def from_name(
-    name: str,
-    *,
-    beta: float = 0.1,
-    f: int = 1,
-    m: int | None = None,
-    gm_iters: int = 10,
-    nu: float = 1e-6,
-    tau: float = 1.0,
-    cc_iters: int = 1,
-) -> Aggregator:
-    """Builds an aggregator from its short name (for configs): one of :data:`ROBUST_AGGREGATORS`.
-
-    ``"mean"`` is :func:`fedjax_lab.aggregators.weighted_mean`; ``"median"`` is
-    :func:`coordinate_median`; the others are the functions of the same name, given the
-    hyper-parameters they take (``beta``; ``f``, ``m``; ``gm_iters``, ``nu``; ``tau``,
-    ``cc_iters``).
-
-    Example:
-      >>> from_name("trimmed_mean", beta=0.2).reduce
-      'stack'
-    """
-    if name == "mean":
-        from fedjax_lab import aggregators  # lazy: aggregators re-exports this module
-
-        return aggregators.weighted_mean()
-    if name == "median":
-        return coordinate_median()
-    if name == "trimmed_mean":
-        return trimmed_mean(beta)
-    if name == "krum":
-        return krum(f)
-    if name == "multi_krum":
-        return multi_krum(f, m)
-    if name == "geometric_median":
-        return geometric_median(gm_iters, nu)
-    if name == "centered_clipping":
-        return centered_clipping(tau, cc_iters)
-    raise ValueError(
-        f"aggregator: got {name!r}; allowed: {', '.join(repr(a) for a in ROBUST_AGGREGATORS)}."
-    )

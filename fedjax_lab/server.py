@@ -40,7 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lab._registry import Registry
+
 __all__ = [
+    "REGISTRY",
     "FedAdagradState",
     "FedAdamState",
     "FedYogiState",
@@ -50,6 +53,7 @@ __all__ = [
     "fed_avgm",
     "fed_sgd",
     "fed_yogi",
+    "per_layer",
 ]
 
 YOGI_INITIAL_V = 1e-6
@@ -467,3 +471,77 @@ def fed_sgd(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformati
     """
     _check_learning_rate(learning_rate)
     return optax.sgd(learning_rate)
+
+
+REGISTRY = Registry("server optimizer")
+"""Server optimisers by short name (a config's ``[server_optimizer]`` table): the federated
+ones of this module and the plain optax ones (``sgd``, ``adam``, ``adamw``, ``adagrad``,
+``yogi``, ``rmsprop``, fed the pseudo-gradient unchanged)."""
+
+for _name, _factory in [
+    ("fed_sgd", fed_sgd),
+    ("fed_adam", fed_adam),
+    ("fed_yogi", fed_yogi),
+    ("fed_adagrad", fed_adagrad),
+    ("fed_avgm", fed_avgm),
+    ("sgd", optax.sgd),
+    ("adam", optax.adam),
+    ("adamw", optax.adamw),
+    ("adagrad", optax.adagrad),
+    ("yogi", optax.yogi),
+    ("rmsprop", optax.rmsprop),
+]:
+    REGISTRY.register(_name)(_factory)
+
+
+def per_layer(
+    rules: list[tuple[str, optax.GradientTransformation]],
+    default: optax.GradientTransformation,
+) -> optax.GradientTransformation:
+    """Per-layer server optimisers (``optax.partition``): the first rule whose pattern matches.
+
+    Each leaf's path (``jax.tree_util.keystr``, e.g. ``"['params']['Dense_1']['kernel']"``) is
+    searched with each rule's regular expression in order; a leaf no rule matches gets
+    ``default``.
+
+    Args:
+      rules: ``(pattern, transformation)`` pairs.
+      default: the transformation of the other leaves.
+
+    Returns:
+      An :class:`optax.GradientTransformation`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> opt = per_layer([("bias", fed_sgd(1.0))], fed_sgd(0.5))
+      >>> p = {"bias": jnp.ones(1), "kernel": jnp.ones(1)}
+      >>> u, _ = opt.update({"bias": jnp.ones(1), "kernel": jnp.ones(1)}, opt.init(p), p)
+      >>> float(u["bias"][0]), float(u["kernel"][0])
+      (-1.0, -0.5)
+    """
+    import re
+
+    compiled = []
+    for i, (pattern, transform) in enumerate(rules):
+        try:
+            compiled.append((re.compile(pattern), f"rule{i}"))
+        except re.error as e:
+            raise ValueError(
+                f"rules[{i}].match: {pattern!r} is not a regular expression ({e})."
+            ) from e
+        if not isinstance(transform, optax.GradientTransformation):
+            raise TypeError(f"rules[{i}]: expected an optax.GradientTransformation.")
+    transforms = {label: t for (_, label), (_, t) in zip(compiled, rules, strict=True)}
+    transforms["default"] = default
+
+    def label_of(path, _leaf):
+        key = jax.tree_util.keystr(path)
+        for regex, label in compiled:
+            if regex.search(key):
+                return label
+        return "default"
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(label_of, params)
+
+    return optax.partition(transforms, labels)

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab import rounds as rounds_lib
+from fedjax_lab import _scan
+from fedjax_lab import maps as maps_lib
 from fedjax_lab._types import ClientMap, ClientSampler, FederatedAlgorithm, Params, PRNGKey
 from fedjax_lab.data._federated import FederatedData
 
@@ -56,10 +57,8 @@ def _sweep_program(hparams, seeds, arrays, *, make_algorithm, init_params, clien
         alg = make_algorithm(**hp)
         init_key, run_key = jax.random.split(jax.random.key(seed))
         state = alg.init(init_params(init_key), num_clients=num_clients)
-        state = rounds_lib.init_sampler_state(state, static["sampler"], arrays["offsets"])
-        state, hist = rounds_lib._run_rounds_impl(
-            alg, client_map, state, key=run_key, **arrays, **static
-        )
+        state = _scan.init_sampler_state(state, static["sampler"], arrays["offsets"])
+        state, hist = _scan.scan_rounds(alg, client_map, state, key=run_key, **arrays, **static)
         return hist
 
     if config_map == "vmap":
@@ -121,13 +120,13 @@ def sweep(
       ...     [{"x": rng.normal(size=(4, 2)).astype("f4"), "y": np.ones(4, "f4")}] * 3)
       >>> loss = lambda p, b, k: jnp.sum(b["mask"] * (b["x"] @ p - b["y"]) ** 2) / 4
       >>> make = functools.partial(_example_alg, loss)
-      >>> rows = fl.sweep(make, grid(lr=[0.01, 0.1]), lambda k: jnp.zeros(2), data,
+      >>> rows = fl.run_sweep(make, grid(lr=[0.01, 0.1]), lambda k: jnp.zeros(2), data,
       ...                 num_rounds=3, cohort_size=2, batch_size=2)
       >>> [r["lr"] for r in rows], rows[0]["final_train_loss"] > rows[1]["final_train_loss"]
       ([0.01, 0.1], True)
     """
     if not configs:
-        raise ValueError("configs: need at least one configuration, e.g. fl.sweep.grid(lr=[...]).")
+        raise ValueError("configs: need at least one configuration, e.g. fl.grid(lr=[...]).")
     names = list(configs[0])
     for i, c in enumerate(configs):
         if list(c) != names:
@@ -143,7 +142,7 @@ def sweep(
         hash(init_params)
     except TypeError as e:
         raise TypeError("make_algorithm, init_params: must be hashable callables.") from e
-    arrays, static = rounds_lib._prepare_run(
+    arrays, static = _scan.prepare_run(
         train_data,
         num_rounds=num_rounds,
         cohort_size=cohort_size,
@@ -164,7 +163,7 @@ def sweep(
         hparams, seed_arr, arrays,
         make_algorithm=make_algorithm,
         init_params=init_params,
-        client_map=rounds_lib._resolve_map(client_map),
+        client_map=maps_lib.resolve(client_map),
         config_map=config_map,
         static=tuple(sorted(static.items())),
     )

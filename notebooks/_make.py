@@ -472,7 +472,7 @@ SWEEPS = [
 
 {colab_badge("03_sweeps")}
 
-`fl.sweep` runs a whole grid of hyper-parameters times seeds as ONE XLA program: the training
+`fl.run_sweep` runs a whole grid of hyper-parameters times seeds as ONE XLA program: the training
 run (a `lax.scan` over rounds) is mapped over the configurations (`vmap` on GPU/TPU, a
 sequential map on CPU). It compiles once instead of once per configuration. We sweep FedAdam's
 client and server learning rates on federated digits, print a table and a heat map, and time it
@@ -530,7 +530,7 @@ after the last round.
 """),
     code("""
 start = time.perf_counter()
-rows = fl.sweep(make_algorithm, configs, model.init, train, seeds=SEEDS, num_rounds=ROUNDS,
+rows = fl.run_sweep(make_algorithm, configs, model.init, train, seeds=SEEDS, num_rounds=ROUNDS,
                 cohort_size=10, batch_size=10, eval_fn=eval_fn, eval_data=test)
 sweep_seconds = time.perf_counter() - start
 print(f"{len(rows)} runs in {sweep_seconds:.1f} s (compile included)\\n")

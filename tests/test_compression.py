@@ -101,7 +101,7 @@ def test_error_feedback_memory_identity(ef):
 
 
 def test_bits_sent_summed_over_participating_clients_and_memory_scattered():
-    alg = comp.fed_avg_topk(loss_fn, optax.sgd(0.1), fraction=0.2)
+    alg = fl.algorithms.fed_avg_topk(loss_fn, optax.sgd(0.1), fraction=0.2)
     state = alg.init(init_params(), num_clients=6)
     c = cohort(num_clients=4)
     c = c._replace(weights=c.weights.at[2].set(0.0), client_ids=jnp.array([5, 1, 3, 0]))
@@ -114,7 +114,7 @@ def test_bits_sent_summed_over_participating_clients_and_memory_scattered():
                     for i in range(6)]
     assert all(memory_norms[i] > 0 for i in (5, 1, 0))
     assert all(memory_norms[i] == 0 for i in (2, 3, 4))
-    q = comp.fed_avg_qsgd(loss_fn, optax.sgd(0.1), bits=2)
+    q = fl.algorithms.fed_avg_qsgd(loss_fn, optax.sgd(0.1), bits=2)
     _, qm = fl.run_round(q, q.init(init_params()), c, jax.random.key(0),
                          client_map=fl.maps.sequential())
     assert float(qm["bits_sent"]) == 3 * (32 + D * 3)
@@ -128,8 +128,8 @@ def test_error_feedback_without_population_is_a_clear_error():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: comp.fed_avg_topk(loss_fn, optax.sgd(0.1), fraction=0.3, num_clients=4),
-    lambda: comp.fed_avg_qsgd(loss_fn, optax.sgd(0.1), bits=2),
+    lambda: fl.algorithms.fed_avg_topk(loss_fn, optax.sgd(0.1), fraction=0.3, num_clients=4),
+    lambda: fl.algorithms.fed_avg_qsgd(loss_fn, optax.sgd(0.1), bits=2),
     lambda: comp.compressed(BASE, comp.random_k(0.5), error_feedback="ef21", num_clients=4),
 ], ids=["topk_ef", "qsgd", "randk_ef21"])
 def test_sequential_equals_vmap(make):

@@ -81,7 +81,7 @@ FEDAVG = fl.algorithms.fed_avg(lsq_loss, optax.sgd(LR))
 SCAFFOLD = scaffold(lsq_loss, client_learning_rate=LR)
 NOVA = fed_nova(lsq_loss, optax.sgd(LR))
 MIME_BETA = 0.5
-MIME = mime(lsq_loss, optax.sgd(LR), server_learning_rate=0.8, beta=MIME_BETA)
+MIME = mime(lsq_loss, optax.sgd(LR), server_learning_rate=0.8, momentum=MIME_BETA)
 ONE_STEP = np.array([[1, 1], [0, 0], [0, 0]])  # one real step of the client's 2 examples
 
 
@@ -213,7 +213,7 @@ def np_fednova(rounds, lr, rho, eta_g=1.0):
 
 @pytest.mark.parametrize("rho", [0.0, 0.5])
 def test_fednova_matches_formula_with_unequal_local_work(rho):
-    alg = NOVA if rho == 0 else fed_nova(lsq_loss, optax.sgd(LR), momentum=rho)
+    alg = NOVA if rho == 0 else fed_nova(lsq_loss, optax.sgd(LR), local_momentum=rho)
     for state, x in zip(run_jax(alg), np_fednova(ROUNDS, LR, rho), strict=True):
         close(state.params, x)
 
@@ -260,17 +260,17 @@ def test_mime_matches_numpy_over_three_rounds(control_variate):
     if control_variate:
         alg = MIME
     else:
-        alg = mime_lite(lsq_loss, optax.sgd(LR), server_learning_rate=0.8, beta=MIME_BETA)
+        alg = mime_lite(lsq_loss, optax.sgd(LR), server_learning_rate=0.8, momentum=MIME_BETA)
     want = np_mime(ROUNDS, LR, MIME_BETA, control_variate, eta_g=0.8)
     for state, (x, m_, c) in zip(run_jax(alg), want, strict=True):
         close(state.params, x)
-        close(state.opt_state[0].ema, m_)
+        close(state.extra.statistics[0].ema, m_)
         if control_variate:
-            close(state.extra[0], c)
+            close(state.extra.control_variate, c)
 
 
 def test_mimelite_without_momentum_is_fedavg():
-    lite = mime_lite(lsq_loss, optax.sgd(LR), beta=0.0)
+    lite = mime_lite(lsq_loss, optax.sgd(LR), momentum=0.0)
     for a, b in zip(run_jax(lite, ROUNDS[:2]), run_jax(FEDAVG, ROUNDS[:2]), strict=True):
         P.assert_trees_close(a.params, b.params)
 
@@ -282,7 +282,8 @@ def test_mime_first_local_step_follows_the_control_variate_not_the_client():
     """
     one_step = [ROUNDS[0], lsq_cohort([1, 3, 4], [ONE_STEP] * 3, seed=9)]
     first, second = run_jax(MIME, one_step)
-    c, m = (np.asarray(a, np.float64) for a in (first.extra[0], first.opt_state[0].ema))
+    pair = (first.extra.control_variate, first.extra.statistics[0].ema)
+    c, m = (np.asarray(a, np.float64) for a in pair)
     step = LR * ((1 - MIME_BETA) * c + MIME_BETA * m)
     close(second.params, np.asarray(first.params, np.float64) - 0.8 * step)
 
@@ -310,14 +311,14 @@ def np_fedavg_m(rounds, lr, beta, eta_g=1.0):
 
 
 def test_fedavg_momentum_matches_numpy_over_three_rounds():
-    alg = fed_avg_momentum(lsq_loss, optax.sgd(LR), server_learning_rate=0.9, beta=0.3)
+    alg = fed_avg_momentum(lsq_loss, optax.sgd(LR), server_learning_rate=0.9, gradient_weight=0.3)
     for state, (x, g) in zip(run_jax(alg), np_fedavg_m(ROUNDS, LR, 0.3, 0.9), strict=True):
         close(state.params, x)
         close(state.extra, g)
 
 
 def test_fedavg_momentum_with_beta_one_is_fedavg():
-    fm = fed_avg_momentum(lsq_loss, optax.sgd(LR), beta=1.0)
+    fm = fed_avg_momentum(lsq_loss, optax.sgd(LR), gradient_weight=1.0)
     for a, b in zip(run_jax(fm, ROUNDS[:2]), run_jax(FEDAVG, ROUNDS[:2]), strict=True):
         P.assert_trees_close(a.params, b.params)
 
@@ -376,11 +377,11 @@ def test_registry_names_and_bad_hyperparameters():
     with pytest.raises(ValueError, match="alpha"):
         fed_dyn(lsq_loss, alpha=0.0)
     with pytest.raises(ValueError, match="momentum"):
-        fed_nova(lsq_loss, momentum=1.0)
-    with pytest.raises(ValueError, match="beta"):
-        mime(lsq_loss, beta=1.0)
-    with pytest.raises(ValueError, match="beta"):
-        fed_avg_momentum(lsq_loss, beta=0.0)
+        fed_nova(lsq_loss, local_momentum=1.0)
+    with pytest.raises(ValueError, match="momentum"):
+        mime(lsq_loss, momentum=1.0)
+    with pytest.raises(ValueError, match="gradient_weight"):
+        fed_avg_momentum(lsq_loss, gradient_weight=0.0)
     with pytest.raises(TypeError, match="loss_fn"):
         scaffold(None)
 

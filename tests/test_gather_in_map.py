@@ -17,7 +17,7 @@ from _problems import (
 )
 
 import fedjax_lab as fl
-from fedjax_lab import rounds
+from fedjax_lab import _scan
 from fedjax_lab.data import sampling
 
 DATA = population()  # 10 clients of 2 to 8 examples
@@ -37,7 +37,7 @@ def test_one_round_of_run_rounds_is_run_round_on_the_built_cohort(client_map, ep
     state, hist = fl.run_rounds(ALG, ALG.init(init_params()), DATA, KEY, **kw)
     ids = hist["client_ids"][0]
     max_size = int(np.max(DATA.client_sizes))
-    _, k_batches = jax.random.split(rounds._data_key(KEY, jnp.int32(0)))
+    _, k_batches = jax.random.split(_scan.data_key(KEY, jnp.int32(0)))
     cohort = sampling.build_cohort(
         k_batches,
         {k: jnp.asarray(v) for k, v in DATA.examples.items()},

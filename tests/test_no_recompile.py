@@ -64,7 +64,7 @@ def test_run_rounds_second_call_compiles_nothing():
     for where in ("device", "host"):
         with compiles() as first:
             state, _ = fl.run_rounds(ALG, _state(), DATA, KEY, client_states_on=where, **RUN)
-        program = "jit(_run_rounds_impl)" if where == "device" else "jit(_host_round_impl)"
+        program = "jit(scan_rounds)" if where == "device" else "jit(_host_round_impl)"
         # Host storage: one program for all 3 rounds (numpy rows, device rows alike).
         assert first.count(program) == 1, (where, first)
         with compiles() as later:

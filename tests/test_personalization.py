@@ -162,7 +162,8 @@ def test_pfedme_matches_numpy_transcription():
     )
     lam, k, plr, eta, beta = 2.0, 3, 0.05, 0.1, 1.5
     alg = pfedme_lib.pfedme(
-        _lsq_loss, optax.sgd(eta), lam=lam, inner_steps=k, personal_learning_rate=plr, beta=beta
+        _lsq_loss, optax.sgd(eta), lam=lam, inner_steps=k, personal_learning_rate=plr,
+        server_learning_rate=beta,
     )
     w0 = np.array([0.1, -0.2, 0.3], np.float32)
     state, _ = fl.run_round(alg, alg.init(jnp.asarray(w0), num_clients=c), ch, KEY)

@@ -1,4 +1,4 @@
-"""DESIGN §7: bad input fails early and clearly; NaN clients and empty cohorts poison nothing."""
+"""Reliability: bad input fails early and clearly; NaN clients and empty cohorts poison nothing."""
 
 from __future__ import annotations
 

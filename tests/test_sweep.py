@@ -31,7 +31,7 @@ def init(key):
 def test_sweep_rows_equal_single_runs(config_map):
     configs = fl.grid(client_lr=[0.1, 0.3], server_lr=[0.01, 0.05])
     kw = dict(num_rounds=3, cohort_size=4, batch_size=3)
-    rows = fl.sweep(make_fedadam, configs, init, DATA, seeds=(0, 7), config_map=config_map,
+    rows = fl.run_sweep(make_fedadam, configs, init, DATA, seeds=(0, 7), config_map=config_map,
                     client_map=fl.maps.sequential(), **kw)
     assert len(rows) == 8
     for row in rows[::3]:
@@ -47,11 +47,11 @@ def test_sweep_rows_equal_single_runs(config_map):
 
 def test_sweep_rejects_bad_input():
     with pytest.raises(ValueError, match="configs"):
-        fl.sweep(make_fedadam, [], init, DATA, num_rounds=1, cohort_size=2, batch_size=2)
+        fl.run_sweep(make_fedadam, [], init, DATA, num_rounds=1, cohort_size=2, batch_size=2)
     with pytest.raises(ValueError, match="lr"):
         fl.grid(lr=[])
     with pytest.raises(ValueError, match="config_map"):
-        fl.sweep(make_fedadam, fl.grid(client_lr=[0.1], server_lr=[0.1]), init, DATA,
+        fl.run_sweep(make_fedadam, fl.grid(client_lr=[0.1], server_lr=[0.1]), init, DATA,
                  num_rounds=1, cohort_size=2, batch_size=2, config_map="pmap")
 
     class Unhashable:
@@ -61,5 +61,5 @@ def test_sweep_rejects_bad_input():
             return make_fedadam(**hp)
 
     with pytest.raises(TypeError, match="hashable"):
-        fl.sweep(Unhashable(), fl.grid(client_lr=[0.1], server_lr=[0.1]), init, DATA,
+        fl.run_sweep(Unhashable(), fl.grid(client_lr=[0.1], server_lr=[0.1]), init, DATA,
                  num_rounds=1, cohort_size=2, batch_size=2)

@@ -74,9 +74,9 @@ SHARED_HPARAMS: dict[str, dict[str, Any]] = {
     "scaffold": {"server_learning_rate": 1.0},
     "feddyn": {"alpha": 0.01},
     "fednova": {"server_learning_rate": 1.0},
-    "mime": {"beta": 0.9},
-    "mimelite": {"beta": 0.9},
-    "fedavg_momentum": {"beta": 0.1},
+    "mime": {"momentum": 0.9},
+    "mimelite": {"momentum": 0.9},
+    "fedavg_momentum": {"gradient_weight": 0.1},
     "fedau": {"cutoff": 50},
     "ditto": {"lam": 0.1},
 }

@@ -162,7 +162,7 @@ SMOKE: dict[str, Any] = {
 
 
 # ----------------------------------------------------------------------------- algorithm makers
-# Module-level functions, bound with functools.partial: fl.sweep caches its program on them.
+# Module-level functions, bound with functools.partial: fl.run_sweep caches its program on them.
 
 
 def make_robust(
@@ -181,7 +181,7 @@ def make_robust(
         loss_fn,
         client_optimizer=optax.sgd(s["client_learning_rate"]),
         aggregator=aggregator,
-        beta=fraction,
+        trim_fraction=fraction,
         f=f,
         m=cohort - f,
         gm_iters=s["gm_iters"],
@@ -263,7 +263,7 @@ def _problem(settings: dict[str, Any], data: dict[str, Any]):
 
 def _sweep(make, configs, train, test, model, settings, table, **kw) -> list[dict[str, Any]]:
     start = time.perf_counter()
-    rows = fl.sweep(
+    rows = fl.run_sweep(
         make,
         configs,
         model.init,

@@ -1,4 +1,4 @@
-"""Benchmark: convolution formulations x local-training loop structures (DESIGN.md §5).
+"""Benchmark: convolution formulations x local-training loop structures.
 
 The EMNIST CNN (28x28x1, 62 classes; conv 3x3x32, conv 3x3x64, pool, dense 128), batch 20,
 10 local SGD steps per client, 8 clients. For each convolution formulation of

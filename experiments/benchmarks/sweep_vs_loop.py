@@ -2,7 +2,7 @@
 
 FedAdam on digits (100 clients, Dirichlet 0.5, MLP 64), a client-lr x server-lr grid. One by
 one, each configuration builds its algorithm from Python floats, so every run compiles its own
-program (what a Python loop over configurations costs); ``fl.sweep`` compiles once for the whole
+program (what a Python loop over configurations costs); ``fl.run_sweep`` compiles once for the whole
 grid. Both include compilation and the final evaluation, and the benchmark checks that both give
 the same final accuracies.
 
@@ -47,7 +47,7 @@ def main() -> None:
     kw = dict(num_rounds=rounds, cohort_size=10, batch_size=10)
 
     start = time.perf_counter()
-    rows = fl.sweep(make_fedadam, configs, MODEL.init, TRAIN, seeds=(0,), eval_fn=EVAL,
+    rows = fl.run_sweep(make_fedadam, configs, MODEL.init, TRAIN, seeds=(0,), eval_fn=EVAL,
                     eval_data=TEST, **kw)
     sweep_s = time.perf_counter() - start
 

@@ -1,11 +1,42 @@
 """Federated algorithms, one file per family; every one registered in :data:`REGISTRY`.
 
-``REGISTRY[name](loss_fn, client_optimizer=..., **hparams)`` builds an algorithm by short name
-("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedprox"); every other
-hyper-parameter has the paper's default.
+``REGISTRY[name](loss_fn, client_optimizer=None, **hparams)`` builds an algorithm by its short
+name; every factory takes ``loss_fn`` and ``client_optimizer`` and then keyword-only arguments,
+among them ``server_optimizer`` (default FedSGD at ``server_learning_rate``; the FedOpt family
+``fedadam``/``fedyogi``/``fedadagrad``/``fedavgm`` fixes its own), ``unroll`` and ``name``.
+
+=====================  ===========================================================================
+family                 registered names
+=====================  ===========================================================================
+FedAvg / FedOpt        ``fedavg``, ``fedadam``, ``fedyogi``, ``fedadagrad``, ``fedavgm``,
+                       ``fedprox``
+client drift           ``scaffold``, ``feddyn``, ``fednova``, ``mime``, ``mimelite``,
+                       ``fedavg_momentum``
+participation          ``fedau``, ``feddisco``, ``fedbuff``
+personalisation        ``ditto``, ``pfedme``, ``fedrep``, ``fedper``, ``perfedavg``
+fairness               ``qffl``
+privacy, robustness,   ``dp_fedavg``, ``robust_fedavg``, ``fedavg_topk``, ``fedavg_qsgd`` (FedAvg
+compression            composed with :func:`with_privacy`, :func:`with_aggregator`,
+                       :func:`with_attack`, :func:`with_compression`, which wrap any algorithm)
+=====================  ===========================================================================
+
+New algorithms are written from :mod:`fedjax_lab.kit`; see notebook 04.
+
+>>> import fedjax_lab as fl
+>>> len(fl.algorithms.REGISTRY) >= 25
+True
 """
 
 from fedjax_lab.algorithms._registry import REGISTRY, register
+from fedjax_lab.algorithms.composed import (
+    fed_avg_qsgd,
+    fed_avg_topk,
+    robust_fed_avg,
+    with_aggregator,
+    with_attack,
+    with_compression,
+    with_privacy,
+)
 from fedjax_lab.algorithms.ditto import ditto
 from fedjax_lab.algorithms.dp_fedavg import dp_fed_avg
 from fedjax_lab.algorithms.fedau import fed_au
@@ -27,26 +58,33 @@ __all__ = [
     "REGISTRY",
     "ditto",
     "dp_fed_avg",
+    "fed_adagrad",
+    "fed_adam",
+    "fed_au",
+    "fed_avg",
     "fed_avg_momentum",
+    "fed_avg_qsgd",
+    "fed_avg_topk",
+    "fed_avgm",
     "fed_buff",
+    "fed_disco",
     "fed_dyn",
     "fed_nova",
+    "fed_opt",
+    "fed_per",
+    "fed_prox",
+    "fed_rep",
+    "fed_yogi",
     "mime",
     "mime_lite",
-    "scaffold",
-    "fed_au",
-    "fed_disco",
-    "fed_per",
-    "fed_rep",
     "per_fedavg",
     "pfedme",
     "q_fedavg",
-    "fed_adagrad",
-    "fed_adam",
-    "fed_avg",
-    "fed_avgm",
-    "fed_opt",
-    "fed_prox",
-    "fed_yogi",
     "register",
+    "robust_fed_avg",
+    "scaffold",
+    "with_aggregator",
+    "with_attack",
+    "with_compression",
+    "with_privacy",
 ]

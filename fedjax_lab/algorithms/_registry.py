@@ -1,25 +1,11 @@
-"""The algorithm registry: short name -> ``factory(loss_fn, client_optimizer=..., **hp)``."""
+"""The algorithm registry: short name -> ``factory(loss_fn, client_optimizer=None, **hp)``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from fedjax_lab._registry import Registry
 
-from fedjax_lab._types import FederatedAlgorithm
+REGISTRY = Registry("algorithm")
+"""Every registered algorithm factory by short name (the ``name`` of a config's algorithm)."""
 
-REGISTRY: dict[str, Callable[..., FederatedAlgorithm]] = {}
-
-
-
-Factory = Callable[..., FederatedAlgorithm]
-
-
-def register(name: str) -> Callable[[Factory], Factory]:
-    """Registers a factory under ``name`` (lower case, no spaces); returns it unchanged."""
-
-    def decorate(factory: Factory) -> Factory:
-        if name in REGISTRY:
-            raise ValueError(f"name: an algorithm is already registered as {name!r}.")
-        REGISTRY[name] = factory
-        return factory
-
-    return decorate
+register = REGISTRY.register
+"""Registers an algorithm factory under a short name (lower case, no spaces)."""

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import optax
 
-from fedjax_lab import server as server_lib
+from fedjax_lab import aggregators as aggregators_lib
+from fedjax_lab import kit
 from fedjax_lab._types import (
     ClientInput,
     ClientOutput,
@@ -16,12 +16,7 @@ from fedjax_lab._types import (
     PyTree,
     ServerState,
 )
-from fedjax_lab.aggregators import weighted_mean
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedau import check_num_clients, require_client_state
-from fedjax_lab.algorithms.fedavg import _client_optimizer
-from fedjax_lab.client import local_training
-from fedjax_lab.personalization import stack_clients
 
 __all__ = ["ditto", "personal_params"]
 
@@ -35,10 +30,11 @@ def personal_params(state: ServerState) -> PyTree:
 def ditto(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
+    *,
     lam: float = 0.1,
     personal_optimizer: optax.GradientTransformation | None = None,
+    server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,
-    *,
     unroll: int | bool = 1,
     name: str = "ditto",
 ) -> FederatedAlgorithm:
@@ -60,6 +56,8 @@ def ditto(
       client_optimizer: optax optimiser of the global part (default ``optax.sgd(0.1)``).
       lam: ``λ >= 0`` (the paper tunes it in {0.05, 0.1, 0.2, 0.5, 1, 2}).
       personal_optimizer: optax optimiser of the personal part (default: ``client_optimizer``).
+      server_optimizer: the server optimiser of the global model (default
+        ``fl.server.fed_sgd(server_learning_rate)``).
       server_learning_rate: ``γ`` (1.0: FedAvg).
       unroll: ``lax.scan`` unroll of the local steps.
       name: a label for logs and tables.
@@ -83,44 +81,34 @@ def ditto(
       >>> [round(v, 3) for v in state.client_states[:, 0].tolist()]  # only client 2's moved
       [0.0, 0.0, 0.2]
     """
-    if not lam >= 0:
-        raise ValueError(f"lam: the regularisation λ must be >= 0, got {lam!r}.")
-    client_optimizer = _client_optimizer(client_optimizer)
+    kit.check_loss_fn(loss_fn)
+    kit.check_positive("lam", lam, allow_zero=True, hint=" (the regularisation λ)")
+    client_optimizer = kit.client_optimizer(client_optimizer)
     personal_optimizer = (
-        client_optimizer if personal_optimizer is None else _client_optimizer(personal_optimizer)
+        client_optimizer if personal_optimizer is None else kit.client_optimizer(personal_optimizer)
     )
-    server_optimizer = server_lib.fed_sgd(server_learning_rate)
-    aggregator = weighted_mean()
-    train = local_training(loss_fn, client_optimizer, unroll=unroll)
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
+    aggregator = aggregators_lib.weighted_mean()
+    train = kit.local_training(loss_fn, client_optimizer, unroll=unroll)
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
-        n = check_num_clients(num_clients)
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            round=jnp.zeros((), jnp.int32),
-            aggregator_state=aggregator.init(params),
-            client_states=() if n is None else stack_clients(params, n),
-        )
+        n = kit.check_num_clients(num_clients)
+        personal = () if n is None else kit.copies_per_client(params, n)
+        return kit.server_state(params, server_optimizer, aggregator, client_states=personal)
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
-        require_client_state(client.state, name)
+        kit.require_client_state(client.state, name)
         w = state.params
         result = train(w, client.batches, key)
-        delta = optax.tree.sub(w, result.params)
 
         def personal_loss(v, batch, k):
             diff = optax.tree.sub(v, w)
             return loss_fn(v, batch, k) + 0.5 * lam * optax.tree.vdot(diff, diff)
 
-        personal = local_training(personal_loss, personal_optimizer, unroll=unroll)
+        personal = kit.local_training(personal_loss, personal_optimizer, unroll=unroll)
         v = personal(client.state, client.batches, key).params  # all-masked steps: v unchanged
-        return ClientOutput(delta, client.weight, result.metrics, v)
+        return ClientOutput(kit.client_delta(w, result.params), client.weight, result.metrics, v)
 
-    def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
-        del key
-        updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return state._replace(params=params, opt_state=opt_state)
+    server_update = kit.server_step(server_optimizer)
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name)

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 
 import optax
 
-from fedjax_lab import privacy
+from fedjax_lab import kit
 from fedjax_lab import server as server_lib
 from fedjax_lab._types import FederatedAlgorithm, LossFn
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedavg import fed_opt
+from fedjax_lab.algorithms.composed import with_privacy
+from fedjax_lab.algorithms.fedavg import fed_avg
 
 __all__ = ["dp_fed_avg"]
 
@@ -25,11 +26,12 @@ __all__ = ["dp_fed_avg"]
 def dp_fed_avg(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
+    *,
     noise_multiplier: float = 1.0,
     clip_norm: float = 1.0,
+    server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,
     server_momentum: float = 0.0,
-    *,
     expected_cohort_size: float | None = None,
     per_layer: bool = False,
     layer_budget: str | Sequence[float] = "equal",
@@ -37,7 +39,8 @@ def dp_fed_avg(
     target_quantile: float = 0.5,
     clip_learning_rate: float = 0.2,
     clipped_count_stddev: float | None = None,
-    **kwargs,
+    unroll: int | bool = 1,
+    name: str = "dp_fedavg",
 ) -> FederatedAlgorithm:
     """DP-FedAvg: clipped client deltas, Gaussian noise on their sum, a fixed denominator.
 
@@ -58,6 +61,8 @@ def dp_fed_avg(
       client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
       noise_multiplier: ``z >= 0`` (paper: about 1).
       clip_norm: ``C > 0`` (the initial value when adaptive).
+      server_optimizer: the server optimiser on the noisy mean (default FedSGD at
+        ``server_learning_rate``, with ``server_momentum``); give it or ``server_momentum``.
       server_learning_rate: ``η_g`` (paper: 1.0).
       server_momentum: ``β`` of server momentum (0: plain FedAvg; the paper also uses 0.9).
       expected_cohort_size: the fixed denominator ``m`` (``None``: the cohort size).
@@ -67,7 +72,8 @@ def dp_fed_avg(
       target_quantile: ``γ`` (paper: 0.5).
       clip_learning_rate: ``η_C`` (paper: 0.2).
       clipped_count_stddev: ``σ_b`` (paper: ``m / 20``).
-      **kwargs: passed to :func:`fedjax_lab.algorithms.fed_opt` (``unroll``, ``name``, ...).
+      unroll: ``lax.scan`` unroll of the local steps.
+      name: a label for logs and tables.
 
     Returns:
       A :class:`~fedjax_lab.FederatedAlgorithm`; the clip norm lives in
@@ -84,23 +90,24 @@ def dp_fed_avg(
       >>> alg.name, round(float(alg.init(jnp.zeros(2)).aggregator_state.clip_norm), 4)
       ('dp_fedavg', 0.1)
     """
-    aggregator = privacy.dp_aggregator(
-        noise_multiplier,
-        clip_norm,
+    kit.check_in_range("server_momentum", server_momentum, 0.0, 1.0, high_open=True)
+    if server_optimizer is not None and server_momentum > 0:
+        raise ValueError(
+            "server_momentum: give either server_optimizer or server_momentum, not both."
+        )
+    if server_optimizer is None and server_momentum > 0:
+        server_optimizer = server_lib.fed_avgm(server_learning_rate, momentum=server_momentum)
+    alg = fed_avg(loss_fn, client_optimizer, server_optimizer=server_optimizer,
+                  server_learning_rate=server_learning_rate, unroll=unroll, name=name)
+    return with_privacy(
+        alg,
+        noise_multiplier=noise_multiplier,
+        clip_norm=clip_norm,
         expected_cohort_size=expected_cohort_size,
         per_layer=per_layer,
         layer_budget=layer_budget,
-        adaptive=adaptive_clipping,
+        adaptive_clipping=adaptive_clipping,
         target_quantile=target_quantile,
         clip_learning_rate=clip_learning_rate,
         clipped_count_stddev=clipped_count_stddev,
     )
-    if not 0.0 <= server_momentum < 1.0:
-        raise ValueError(f"server_momentum: must lie in [0, 1), got {server_momentum!r}.")
-    server_optimizer = (
-        server_lib.fed_avgm(server_learning_rate, momentum=server_momentum)
-        if server_momentum > 0
-        else server_lib.fed_sgd(server_learning_rate)
-    )
-    kwargs.setdefault("name", "dp_fedavg")
-    return fed_opt(loss_fn, client_optimizer, server_optimizer, aggregator=aggregator, **kwargs)

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab import server as server_lib
+from fedjax_lab import aggregators as aggregators_lib
+from fedjax_lab import kit
 from fedjax_lab._types import (
-    Aggregator,
     ClientInput,
     ClientOutput,
     FederatedAlgorithm,
@@ -27,17 +27,8 @@ from fedjax_lab._types import (
     ServerState,
 )
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedavg import _client_optimizer
-from fedjax_lab.client import local_training
 
-__all__ = [
-    "FedAUClientState",
-    "check_num_clients",
-    "fed_au",
-    "interval_estimate",
-    "require_client_state",
-    "unnormalized_sum",
-]
+__all__ = ["FedAUClientState", "fed_au", "interval_estimate"]
 
 
 class FedAUClientState(NamedTuple):
@@ -91,43 +82,14 @@ def interval_estimate(
     return FedAUClientState(jnp.asarray(round, jnp.int32), mean, count)
 
 
-def unnormalized_sum() -> Aggregator:
-    """``Σ_i w_i u_i`` (not divided by ``Σ w_i``); total weight ``Σ w_i`` (0 skips the round).
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> agg = unnormalized_sum()
-      >>> a = agg.prepare(jnp.array(1.0), jnp.array(2.0), ())
-      >>> b = agg.prepare(jnp.array(3.0), jnp.array(1.0), ())
-      >>> out, total, _ = agg.finalize(jax.tree.map(jnp.add, a, b), (), jax.random.key(0))
-      >>> float(out), float(total)
-      (5.0, 3.0)
-    """
-
-    def init(params: PyTree) -> tuple:
-        del params
-        return ()
-
-    def prepare(update, weight, state):
-        del state
-        weight = jnp.asarray(weight, jnp.float32)
-        return optax.tree.scale(weight, update), weight
-
-    def finalize(contribution, state, key):
-        del key
-        total_update, total_weight = contribution
-        return total_update, total_weight, state
-
-    return Aggregator(init, prepare, finalize, reduce="sum")
-
-
 @register("fedau")
 def fed_au(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
-    cutoff: int = 50,
-    server_learning_rate: float = 1.0,
     *,
+    cutoff: int = 50,
+    server_optimizer: optax.GradientTransformation | None = None,
+    server_learning_rate: float = 1.0,
     unroll: int | bool = 1,
     name: str = "fedau",
 ) -> FederatedAlgorithm:
@@ -150,6 +112,8 @@ def fed_au(
       loss_fn: mean loss over real examples.
       client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
       cutoff: ``K``, the longest interval counted (paper: 50); bounds ``ω_i <= K``.
+      server_optimizer: the server optimiser on ``(1/N) Σ ω_i Δ_i`` (default
+        ``fl.server.fed_sgd(server_learning_rate)``).
       server_learning_rate: ``γ`` (1.0 in the paper's analysis form).
       unroll: ``lax.scan`` unroll of the local steps.
       name: a label for logs and tables.
@@ -174,31 +138,25 @@ def fed_au(
       >>> state.client_states.mean.tolist()   # both first seen in round 0: interval 1
       [1.0, 0.0, 0.0, 1.0]
     """
-    if not isinstance(cutoff, int) or isinstance(cutoff, bool) or cutoff < 1:
-        raise ValueError(f"cutoff: K must be a whole number >= 1 (paper: 50), got {cutoff!r}.")
-    client_optimizer = _client_optimizer(client_optimizer)
-    server_optimizer = server_lib.fed_sgd(server_learning_rate)
-    aggregator = unnormalized_sum()
-    train = local_training(loss_fn, client_optimizer, unroll=unroll)
+    kit.check_loss_fn(loss_fn)
+    kit.check_count("cutoff", cutoff)
+    client_optimizer = kit.client_optimizer(client_optimizer)
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
+    aggregator = aggregators_lib.weighted_sum()
+    train = kit.local_training(loss_fn, client_optimizer, unroll=unroll)
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
-        n = check_num_clients(num_clients)
+        n = kit.check_num_clients(num_clients)
         stats = () if n is None else FedAUClientState(
             jnp.full((n,), -1, jnp.int32), jnp.zeros((n,), jnp.float32),
             jnp.zeros((n,), jnp.float32),
         )
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            round=jnp.zeros((), jnp.int32),
-            aggregator_state=aggregator.init(params),
-            client_states=stats,
-        )
+        return kit.server_state(params, server_optimizer, aggregator, client_states=stats)
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
-        require_client_state(client.state, name)
+        kit.require_client_state(client.state, name)
         result = train(state.params, client.batches, key)
-        delta = optax.tree.sub(state.params, result.params)
+        delta = kit.client_delta(state.params, result.params)
         present = client.weight > 0
         new_stats = interval_estimate(client.state, state.round, cutoff)
         stats = optax.tree.where(present, new_stats, client.state)
@@ -208,28 +166,9 @@ def fed_au(
 
     def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
         del key
-        n = state.client_states.last.shape[0]
-        g = optax.tree.scale(1.0 / n, aggregate)
-        updates, opt_state = server_optimizer.update(g, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return state._replace(params=params, opt_state=opt_state)
+        n = kit.population_size(state.client_states)
+        return kit.apply_server_optimizer(state, server_optimizer,
+                                          optax.tree.scale(1.0 / n, aggregate))
 
-    return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
-
-
-def check_num_clients(num_clients: int | None) -> int | None:
-    """``num_clients`` as an int ``>= 1`` (``None`` stays ``None``: shape-only inits)."""
-    if num_clients is None:
-        return None
-    if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1:
-        raise ValueError(f"num_clients: need a whole number >= 1, got {num_clients!r}.")
-    return int(num_clients)
-
-
-def require_client_state(client_state: PyTree, name: str) -> None:
-    """Trace-time check that the server state was built with ``num_clients``."""
-    if not jax.tree.leaves(client_state):
-        raise ValueError(
-            f"num_clients: {name} keeps per-client state; build the state with "
-            f"alg.init(params, num_clients=train_data.num_clients)."
-        )
+    return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
+                              update_is_delta=False)

@@ -8,10 +8,10 @@ FedAvg is the special case ``server_optimizer = fed_sgd(1.0)``: ``x <- x - g = �
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import optax
 
 from fedjax_lab import aggregators as aggregators_lib
+from fedjax_lab import kit
 from fedjax_lab import server as server_lib
 from fedjax_lab._types import (
     Aggregator,
@@ -21,33 +21,21 @@ from fedjax_lab._types import (
     LossFn,
     Params,
     PRNGKey,
-    PyTree,
     ServerState,
 )
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.client import Regularizer, local_training
+from fedjax_lab.client import Regularizer
 
 __all__ = ["fed_adagrad", "fed_adam", "fed_avg", "fed_avgm", "fed_opt", "fed_yogi"]
 
-DEFAULT_CLIENT_LEARNING_RATE = 0.1
 
-
-def _client_optimizer(client_optimizer: optax.GradientTransformation | None):
-    if client_optimizer is None:
-        return optax.sgd(DEFAULT_CLIENT_LEARNING_RATE)
-    if not isinstance(client_optimizer, optax.GradientTransformation):
-        raise TypeError(
-            "client_optimizer: expected an optax.GradientTransformation such as optax.sgd(0.1), "
-            f"got {type(client_optimizer).__name__}."
-        )
-    return client_optimizer
-
-
+@register("fedopt")
 def fed_opt(
     loss_fn: LossFn,
-    client_optimizer: optax.GradientTransformation | None,
-    server_optimizer: optax.GradientTransformation,
+    client_optimizer: optax.GradientTransformation | None = None,
+    server_optimizer: optax.GradientTransformation | None = None,
     *,
+    server_learning_rate: float = 1.0,
     aggregator: Aggregator | None = None,
     regularizer: Regularizer | None = None,
     unroll: int | bool = 1,
@@ -66,7 +54,8 @@ def fed_opt(
       loss_fn: ``loss_fn(params, batch, key) -> scalar`` mean loss over real examples.
       client_optimizer: optax client optimiser (``None``: ``optax.sgd(0.1)``).
       server_optimizer: optax transformation fed the pseudo-gradient (see
-        :mod:`fedjax_lab.server`).
+        :mod:`fedjax_lab.server`); ``None``: ``fl.server.fed_sgd(server_learning_rate)``.
+      server_learning_rate: the FedSGD rate when ``server_optimizer`` is ``None``.
       aggregator: how client deltas are combined (default
         :func:`fedjax_lab.aggregators.weighted_mean`).
       regularizer: optional local regulariser ``(params, server_params) -> scalar``.
@@ -88,18 +77,11 @@ def fed_opt(
       >>> int(state.round)
       0
     """
-    if not callable(loss_fn):
-        raise TypeError(
-            f"loss_fn: expected a callable loss_fn(params, batch, key), got {loss_fn!r}."
-        )
-    client_optimizer = _client_optimizer(client_optimizer)
-    if not isinstance(server_optimizer, optax.GradientTransformation):
-        raise TypeError(
-            "server_optimizer: expected an optax.GradientTransformation such as "
-            f"fl.server.fed_adam(1e-2), got {type(server_optimizer).__name__}."
-        )
+    kit.check_loss_fn(loss_fn)
+    client_optimizer = kit.client_optimizer(client_optimizer)
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
     aggregator = aggregator if aggregator is not None else aggregators_lib.weighted_mean()
-    train = local_training(
+    train = kit.local_training(
         loss_fn,
         client_optimizer,
         unroll=unroll,
@@ -109,24 +91,14 @@ def fed_opt(
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
         del num_clients
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            round=jnp.zeros((), jnp.int32),
-            aggregator_state=aggregator.init(params),
-        )
+        return kit.server_state(params, server_optimizer, aggregator)
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
         result = train(state.params, client.batches, key)
-        delta = optax.tree.sub(state.params, result.params)
-        return ClientOutput(delta, client.weight, result.metrics, ())
+        return ClientOutput(kit.client_delta(state.params, result.params), client.weight,
+                            result.metrics, ())
 
-    def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
-        del key
-        updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return state._replace(params=params, opt_state=opt_state)
-
+    server_update = kit.server_step(server_optimizer)
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
 
 
@@ -134,18 +106,28 @@ def fed_opt(
 def fed_avg(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
+    *,
+    server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,
-    **kwargs,
+    aggregator: Aggregator | None = None,
+    unroll: int | bool = 1,
+    skip_empty_steps: bool = True,
+    name: str = "fedavg",
 ) -> FederatedAlgorithm:
-    """FedAvg (McMahan et al. 2017): local SGD, then ``x <- x - server_lr * Σ p_i (x - x_i)``.
+    """FedAvg (McMahan et al. 2017): local SGD, then ``x <- x - η_g Σ p_i (x - x_i)``.
 
-    With ``server_learning_rate=1`` the new model is the weighted average of the client models.
+    With ``server_learning_rate = η_g = 1`` the new model is the weighted average of the client
+    models. Any other server optimiser may take the mean delta (that is :func:`fed_opt`).
 
     Args:
       loss_fn: mean loss over real examples.
       client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
-      server_learning_rate: step on the averaged delta (1.0 = plain averaging).
-      **kwargs: passed to :func:`fed_opt` (``unroll``, ``aggregator``, ...).
+      server_optimizer: the server optimiser (default ``fl.server.fed_sgd(server_learning_rate)``).
+      server_learning_rate: ``η_g`` (1.0 = plain averaging).
+      aggregator: how client deltas are combined (default weighted mean).
+      unroll: ``lax.scan`` unroll of the local steps.
+      skip_empty_steps: see :func:`fedjax_lab.client.local_loop`.
+      name: a label for logs and tables.
 
     References:
       McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
@@ -157,47 +139,209 @@ def fed_avg(
       >>> alg.name
       'fedavg'
     """
-    kwargs.setdefault("name", "fedavg")
-    return fed_opt(loss_fn, client_optimizer, server_lib.fed_sgd(server_learning_rate), **kwargs)
+    return fed_opt(
+        loss_fn, client_optimizer, server_optimizer, server_learning_rate=server_learning_rate,
+        aggregator=aggregator, unroll=unroll, skip_empty_steps=skip_empty_steps, name=name,
+    )
 
 
-def _adaptive(tag: str, make):
-    def factory(
-        loss_fn: LossFn,
-        client_optimizer: optax.GradientTransformation | None = None,
-        server_learning_rate: float = 1e-2,
-        **hparams,
-    ) -> FederatedAlgorithm:
-        opt_keys = {"b1", "b2", "tau", "bias_correction", "momentum"}
-        server_hp = {k: hparams.pop(k) for k in list(hparams) if k in opt_keys}
-        hparams.setdefault("name", tag)
-        server_optimizer = make(server_learning_rate, **server_hp)
-        return fed_opt(loss_fn, client_optimizer, server_optimizer, **hparams)
-
-    return factory
+def _fedopt_with(server_optimizer, loss_fn, client_optimizer, aggregator, unroll,
+                 skip_empty_steps, name) -> FederatedAlgorithm:
+    return fed_opt(loss_fn, client_optimizer, server_optimizer, aggregator=aggregator,
+                   unroll=unroll, skip_empty_steps=skip_empty_steps, name=name)
 
 
-fed_adam = register("fedadam")(_adaptive("fedadam", server_lib.fed_adam))
-fed_adam.__doc__ = """FedAdam (Reddi et al. 2021): FedOpt with :func:`fedjax_lab.server.fed_adam`.
+@register("fedadam")
+def fed_adam(
+    loss_fn: LossFn,
+    client_optimizer: optax.GradientTransformation | None = None,
+    *,
+    server_learning_rate: float = 1e-2,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    tau: float = 1e-3,
+    bias_correction: bool = False,
+    aggregator: Aggregator | None = None,
+    unroll: int | bool = 1,
+    skip_empty_steps: bool = True,
+    name: str = "fedadam",
+) -> FederatedAlgorithm:
+    """FedAdam (Reddi et al. 2021): FedOpt with :func:`fedjax_lab.server.fed_adam`.
 
-    ``fed_adam(loss_fn, client_optimizer=None, server_learning_rate=1e-2, *, b1=0.9, b2=0.99,
-    tau=1e-3, bias_correction=False, **fed_opt_kwargs)``.
+    Reddi form (Algorithm 2): ``Δ_t = b1 Δ_{t-1} + (1 - b1) mean_i Δ_i``,
+    ``v_t = b2 v_{t-1} + (1 - b2) Δ_t²`` (``v_{-1} = τ²``), ``x <- x + η Δ_t / (√v_t + τ)``;
+    ``bias_correction=True`` gives the optax/Keras form.
+
+    Args:
+      loss_fn: mean loss over real examples.
+      client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
+      server_learning_rate: the server optimiser's ``lr`` (``η`` of the paper).
+      b1: ``β₁``, the momentum of the mean delta.
+      b2: ``β₂``, the decay of the second moment.
+      tau: ``τ``, the adaptivity (it also sets ``v_{-1} = τ²``).
+      bias_correction: the optax/Keras form instead of the paper's.
+      aggregator: how client deltas are combined (default weighted mean).
+      unroll: ``lax.scan`` unroll of the local steps.
+      skip_empty_steps: see :func:`fedjax_lab.client.local_loop`.
+      name: a label for logs and tables.
+
+    Returns:
+      A :class:`~fedjax_lab.FederatedAlgorithm`: :func:`fed_opt` with this server optimiser
+      (it fixes the server optimiser; for another one use :func:`fed_opt` or ``fed_avg``'s
+      ``server_optimizer``).
+
+    References:
+      Reddi et al., "Adaptive Federated Optimization", ICLR 2021.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> fed_adam(lambda p, b, k: jnp.sum(p ** 2), server_learning_rate=0.03).name
+      'fedadam'
     """
-fed_yogi = register("fedyogi")(_adaptive("fedyogi", server_lib.fed_yogi))
-fed_yogi.__doc__ = """FedYogi (Reddi et al. 2021): FedOpt with :func:`fedjax_lab.server.fed_yogi`.
+    server = server_lib.fed_adam(server_learning_rate, b1, b2, tau,
+                                 bias_correction=bias_correction)
+    return _fedopt_with(server, loss_fn, client_optimizer, aggregator, unroll, skip_empty_steps,
+                        name)
 
-    ``fed_yogi(loss_fn, client_optimizer=None, server_learning_rate=1e-2, *, b1=0.9, b2=0.99,
-    tau=1e-3, bias_correction=False, **fed_opt_kwargs)``.
-    """
-fed_adagrad = register("fedadagrad")(_adaptive("fedadagrad", server_lib.fed_adagrad))
-fed_adagrad.__doc__ = """FedAdagrad (Reddi et al. 2021): FedOpt with ``fl.server.fed_adagrad``.
 
-    ``fed_adagrad(loss_fn, client_optimizer=None, server_learning_rate=1e-2, *, b1=0.0,
-    tau=1e-3, **fed_opt_kwargs)``.
-    """
-fed_avgm = register("fedavgm")(_adaptive("fedavgm", server_lib.fed_avgm))
-fed_avgm.__doc__ = """FedAvgM (Hsu et al. 2019): FedOpt with server momentum ``fl.server.fed_avgm``.
+@register("fedyogi")
+def fed_yogi(
+    loss_fn: LossFn,
+    client_optimizer: optax.GradientTransformation | None = None,
+    *,
+    server_learning_rate: float = 1e-2,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    tau: float = 1e-3,
+    bias_correction: bool = False,
+    aggregator: Aggregator | None = None,
+    unroll: int | bool = 1,
+    skip_empty_steps: bool = True,
+    name: str = "fedyogi",
+) -> FederatedAlgorithm:
+    """FedYogi (Reddi et al. 2021): FedOpt with :func:`fedjax_lab.server.fed_yogi`.
 
-    ``fed_avgm(loss_fn, client_optimizer=None, server_learning_rate=1e-2, *, momentum=0.9,
-    **fed_opt_kwargs)``; the usual setting is ``server_learning_rate=1.0, momentum=0.9``.
+    As FedAdam, with Yogi's second moment ``v_t = v_{t-1} - (1 - b2) Δ_t² sign(v_{t-1} - Δ_t²)``.
+
+    Args:
+      loss_fn: mean loss over real examples.
+      client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
+      server_learning_rate: the server optimiser's ``lr`` (``η`` of the paper).
+      b1: ``β₁``, the momentum of the mean delta.
+      b2: ``β₂``, the rate of the second moment.
+      tau: ``τ``, the adaptivity (it also sets ``v_{-1} = τ²``).
+      bias_correction: the optax/Keras form instead of the paper's.
+      aggregator: how client deltas are combined (default weighted mean).
+      unroll: ``lax.scan`` unroll of the local steps.
+      skip_empty_steps: see :func:`fedjax_lab.client.local_loop`.
+      name: a label for logs and tables.
+
+    Returns:
+      A :class:`~fedjax_lab.FederatedAlgorithm`: :func:`fed_opt` with this server optimiser
+      (it fixes the server optimiser; for another one use :func:`fed_opt` or ``fed_avg``'s
+      ``server_optimizer``).
+
+    References:
+      Reddi et al., "Adaptive Federated Optimization", ICLR 2021.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> fed_yogi(lambda p, b, k: jnp.sum(p ** 2)).name
+      'fedyogi'
     """
+    server = server_lib.fed_yogi(server_learning_rate, b1, b2, tau,
+                                 bias_correction=bias_correction)
+    return _fedopt_with(server, loss_fn, client_optimizer, aggregator, unroll, skip_empty_steps,
+                        name)
+
+
+@register("fedadagrad")
+def fed_adagrad(
+    loss_fn: LossFn,
+    client_optimizer: optax.GradientTransformation | None = None,
+    *,
+    server_learning_rate: float = 1e-2,
+    b1: float = 0.0,
+    tau: float = 1e-3,
+    aggregator: Aggregator | None = None,
+    unroll: int | bool = 1,
+    skip_empty_steps: bool = True,
+    name: str = "fedadagrad",
+) -> FederatedAlgorithm:
+    """FedAdagrad (Reddi et al. 2021): FedOpt with :func:`fedjax_lab.server.fed_adagrad`.
+
+    ``v_t = v_{t-1} + Δ_t²`` (``v_{-1} = τ²``), ``x <- x + η Δ_t / (√v_t + τ)``.
+
+    Args:
+      loss_fn: mean loss over real examples.
+      client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
+      server_learning_rate: the server optimiser's ``lr`` (``η`` of the paper).
+      b1: ``β₁``, the momentum of the mean delta (the paper's Adagrad uses 0).
+      tau: ``τ``, the adaptivity.
+      aggregator: how client deltas are combined (default weighted mean).
+      unroll: ``lax.scan`` unroll of the local steps.
+      skip_empty_steps: see :func:`fedjax_lab.client.local_loop`.
+      name: a label for logs and tables.
+
+    Returns:
+      A :class:`~fedjax_lab.FederatedAlgorithm`: :func:`fed_opt` with this server optimiser
+      (it fixes the server optimiser; for another one use :func:`fed_opt` or ``fed_avg``'s
+      ``server_optimizer``).
+
+    References:
+      Reddi et al., "Adaptive Federated Optimization", ICLR 2021.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> fed_adagrad(lambda p, b, k: jnp.sum(p ** 2)).name
+      'fedadagrad'
+    """
+    server = server_lib.fed_adagrad(server_learning_rate, b1, tau)
+    return _fedopt_with(server, loss_fn, client_optimizer, aggregator, unroll, skip_empty_steps,
+                        name)
+
+
+@register("fedavgm")
+def fed_avgm(
+    loss_fn: LossFn,
+    client_optimizer: optax.GradientTransformation | None = None,
+    *,
+    server_learning_rate: float = 1e-2,
+    momentum: float = 0.9,
+    aggregator: Aggregator | None = None,
+    unroll: int | bool = 1,
+    skip_empty_steps: bool = True,
+    name: str = "fedavgm",
+) -> FederatedAlgorithm:
+    """FedAvgM (Hsu et al. 2019): FedOpt with server momentum :func:`fedjax_lab.server.fed_avgm`.
+
+    ``m <- β m + mean_i Δ_i``, ``x <- x - η m``; the usual setting is
+    ``server_learning_rate=1.0, momentum=0.9``.
+
+    Args:
+      loss_fn: mean loss over real examples.
+      client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
+      server_learning_rate: the server optimiser's ``lr`` (``η`` of the paper).
+      momentum: ``β``, the server momentum.
+      aggregator: how client deltas are combined (default weighted mean).
+      unroll: ``lax.scan`` unroll of the local steps.
+      skip_empty_steps: see :func:`fedjax_lab.client.local_loop`.
+      name: a label for logs and tables.
+
+    Returns:
+      A :class:`~fedjax_lab.FederatedAlgorithm`: :func:`fed_opt` with this server optimiser
+      (it fixes the server optimiser; for another one use :func:`fed_opt` or ``fed_avg``'s
+      ``server_optimizer``).
+
+    References:
+      Hsu, Qi & Brown, "Measuring the Effects of Non-Identical Data Distribution for Federated
+      Visual Classification", 2019.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> fed_avgm(lambda p, b, k: jnp.sum(p ** 2), server_learning_rate=1.0).name
+      'fedavgm'
+    """
+    server = server_lib.fed_avgm(server_learning_rate, momentum=momentum)
+    return _fedopt_with(server, loss_fn, client_optimizer, aggregator, unroll, skip_empty_steps,
+                        name)

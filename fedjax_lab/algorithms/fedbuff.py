@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab import aggregators as aggregators_lib
-from fedjax_lab import server as server_lib
+from fedjax_lab import kit
 from fedjax_lab._types import (
     Aggregator,
     ClientInput,
@@ -29,8 +29,6 @@ from fedjax_lab._types import (
     ServerState,
 )
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedavg import _client_optimizer
-from fedjax_lab.client import local_training
 
 __all__ = ["DELAYS", "FedBuffState", "fed_buff", "sample_delay", "staleness_weight"]
 
@@ -85,13 +83,13 @@ def staleness_weight(d: jax.Array) -> jax.Array:
 def fed_buff(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
-    server_learning_rate: float = 1.0,
+    *,
     max_delay: int = 5,
     delay: str = "uniform",
     delay_p: float = 0.5,
-    *,
     staleness: str = "sqrt",
     server_optimizer: optax.GradientTransformation | None = None,
+    server_learning_rate: float = 1.0,
     aggregator: Aggregator | None = None,
     unroll: int | bool = 1,
     name: str = "fedbuff",
@@ -140,34 +138,24 @@ def fed_buff(
       >>> state.extra.versions.shape, int(state.extra.version)
       ((3, 2), 0)
     """
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn: need loss_fn(params, batch, key), got {loss_fn}.")
-    if not isinstance(max_delay, int) or isinstance(max_delay, bool) or max_delay < 1:
-        raise ValueError(f"max_delay: need a whole number of versions >= 1, got {max_delay!r}.")
+    kit.check_loss_fn(loss_fn)
+    kit.check_count("max_delay", max_delay)
     if delay not in DELAYS:
         raise ValueError(f"delay: got {delay!r}; allowed: {', '.join(map(repr, DELAYS))}.")
-    if not 0.0 < delay_p <= 1.0:
-        raise ValueError(f"delay_p: the geometric parameter must lie in (0, 1], got {delay_p!r}.")
+    kit.check_in_range("delay_p", delay_p, 0.0, 1.0, low_open=True,
+                       hint=" (the geometric parameter)")
     if staleness not in ("sqrt", "constant"):
         raise ValueError(f"staleness: expected 'sqrt' or 'constant', got {staleness!r}.")
-    client_optimizer = _client_optimizer(client_optimizer)
-    server_optimizer = (
-        server_optimizer if server_optimizer is not None
-        else server_lib.fed_sgd(server_learning_rate)
-    )
+    client_optimizer = kit.client_optimizer(client_optimizer)
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
     aggregator = aggregator if aggregator is not None else aggregators_lib.weighted_mean()
-    train = local_training(loss_fn, client_optimizer, unroll=unroll)
+    train = kit.local_training(loss_fn, client_optimizer, unroll=unroll)
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
         del num_clients
         versions = jax.tree.map(lambda x: jnp.stack([jnp.asarray(x)] * max_delay), params)
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            round=jnp.zeros((), jnp.int32),
-            aggregator_state=aggregator.init(params),
-            extra=FedBuffState(versions, jnp.zeros((), jnp.int32)),
-        )
+        return kit.server_state(params, server_optimizer, aggregator,
+                                extra=FedBuffState(versions, jnp.zeros((), jnp.int32)))
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
         buf: FedBuffState = state.extra
@@ -188,8 +176,8 @@ def fed_buff(
 
     def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
         del key
-        updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        state = kit.apply_server_optimizer(state, server_optimizer, aggregate)
+        params = state.params
         buf: FedBuffState = state.extra
         version = buf.version + 1
         slot = version % max_delay
@@ -198,8 +186,6 @@ def fed_buff(
             buf.versions,
             params,
         )
-        return state._replace(
-            params=params, opt_state=opt_state, extra=FedBuffState(versions, version)
-        )
+        return state._replace(extra=FedBuffState(versions, version))
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab import server as server_lib
+from fedjax_lab import kit
 from fedjax_lab._types import (
     Aggregator,
     ClientInput,
@@ -19,12 +19,9 @@ from fedjax_lab._types import (
     LossFn,
     Params,
     PRNGKey,
-    PyTree,
     ServerState,
 )
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedavg import _client_optimizer
-from fedjax_lab.client import local_training
 
 __all__ = ["disco_weights", "discrepancy", "discrepancy_aggregator", "fed_disco", "label_histogram"]
 
@@ -104,16 +101,10 @@ def discrepancy_aggregator(a: float, b: float) -> Aggregator:
     has total weight 0 and the round is skipped.
     """
 
-    def init(params: PyTree) -> tuple:
-        del params
-        return ()
-
-    def prepare(update, weight, state):
-        del state
+    def prepare(update, weight):
         return update, jnp.asarray(weight, jnp.float32)
 
-    def finalize(stacked, state, key):
-        del key
+    def finalize(stacked):
         (deltas, d), sizes = stacked
         score = disco_weights(sizes, d, a, b)
         s_total = jnp.sum(score)
@@ -122,22 +113,23 @@ def discrepancy_aggregator(a: float, b: float) -> Aggregator:
                       sizes / jnp.where(n_total > 0, n_total, 1.0))
         agg = jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), deltas)
         total = jnp.where(s_total > 0, s_total, n_total)
-        return agg, total, state
+        return agg, total
 
-    return Aggregator(init, prepare, finalize, reduce="stack")
+    return kit.stateless_aggregator(prepare, finalize, reduce="stack")
 
 
 @register("feddisco")
 def fed_disco(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
+    *,
     num_classes: int | None = None,
     a: float = 0.5,
     b: float = 0.1,
     metric: str = "l2",
     target: jax.Array | None = None,
+    server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,
-    *,
     label_key: str = "y",
     unroll: int | bool = 1,
     name: str = "feddisco",
@@ -164,6 +156,8 @@ def fed_disco(
       b: offset ``b`` (paper: 0.1).
       metric: ``"l2"`` (paper default) or ``"kl"``.
       target: optional ``[num_classes]`` target label distribution (default uniform).
+      server_optimizer: the server optimiser on the re-weighted mean delta (default
+        ``fl.server.fed_sgd(server_learning_rate)``).
       server_learning_rate: ``γ`` (1.0: the new model is ``Σ p_k x_k``).
       label_key: the batch key holding integer labels.
       unroll: ``lax.scan`` unroll of the local steps.
@@ -201,19 +195,14 @@ def fed_disco(
                 f"{tgt.shape}."
             )
         tgt = tgt / jnp.sum(tgt)
-    client_optimizer = _client_optimizer(client_optimizer)
-    server_optimizer = server_lib.fed_sgd(server_learning_rate)
+    client_optimizer = kit.client_optimizer(client_optimizer)
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
     aggregator = discrepancy_aggregator(float(a), float(b))
-    train = local_training(loss_fn, client_optimizer, unroll=unroll)
+    train = kit.local_training(loss_fn, client_optimizer, unroll=unroll)
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
         del num_clients
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            round=jnp.zeros((), jnp.int32),
-            aggregator_state=aggregator.init(params),
-        )
+        return kit.server_state(params, server_optimizer, aggregator)
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
         if label_key not in client.batches:
@@ -222,16 +211,12 @@ def fed_disco(
                 f"{sorted(client.batches)}); pass label_key= to fed_disco."
             )
         result = train(state.params, client.batches, key)
-        delta = optax.tree.sub(state.params, result.params)
+        delta = kit.client_delta(state.params, result.params)
         counts = label_histogram(client.batches, num_classes, label_key)
         d = discrepancy(counts, tgt, metric)
         metrics = dict(result.metrics, discrepancy_sum=d)
         return ClientOutput((delta, d), client.weight, metrics, ())
 
-    def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
-        del key
-        updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return state._replace(params=params, opt_state=opt_state)
-
-    return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
+    server_update = kit.server_step(server_optimizer)
+    return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
+                              update_is_delta=False)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import optax
 
+from fedjax_lab import aggregators as aggregators_lib
+from fedjax_lab import kit
 from fedjax_lab._types import (
     ClientInput,
     ClientOutput,
@@ -16,16 +17,6 @@ from fedjax_lab._types import (
     ServerState,
 )
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedavg import _client_optimizer
-from fedjax_lab.algorithms.scaffold import (
-    _check_loss_fn,
-    _check_num_clients,
-    _mean_and_sum,
-    _population_size,
-    _require_client_state,
-    _zeros_for_clients,
-)
-from fedjax_lab.client import local_training
 
 __all__ = ["fed_dyn"]
 
@@ -34,8 +25,10 @@ __all__ = ["fed_dyn"]
 def fed_dyn(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
-    alpha: float = 0.01,
     *,
+    alpha: float = 0.01,
+    server_optimizer: optax.GradientTransformation | None = None,
+    server_learning_rate: float = 1.0,
     unroll: int | bool = 1,
     name: str = "feddyn",
 ) -> FederatedAlgorithm:
@@ -58,6 +51,10 @@ def fed_dyn(
     Args:
       loss_fn: ``loss_fn(params, batch, key) -> scalar`` mean loss over real examples.
       client_optimizer: local optimiser (default ``optax.sgd(0.1)``, as in the paper's SGD).
+      server_optimizer: takes the mean delta ``Σ p_i (θ^{t-1} - θ_i^t)`` in place of plain
+        averaging (default ``fl.server.fed_sgd(server_learning_rate)``; at 1.0 it gives
+        ``Σ p_i θ_i^t``, the paper's step); ``h / α`` is subtracted after it.
+      server_learning_rate: the FedSGD rate when ``server_optimizer`` is ``None``.
       alpha: ``α > 0`` (the paper tunes ``α ∈ {0.1, 0.01, 0.001}``; 0.01 is its usual choice).
       unroll: ``lax.scan`` unroll of the local steps.
       name: a label for logs and tables.
@@ -83,44 +80,38 @@ def fed_dyn(
       >>> round(float(state.params[0]), 3)  # mean θ_i - h/α = 0.2 + 0.1
       0.3
     """
-    _check_loss_fn(loss_fn)
-    if isinstance(alpha, (int, float)) and not alpha > 0:
-        raise ValueError(f"alpha: the FedDyn coefficient α must be > 0, got {alpha!r}.")
-    optimizer = _client_optimizer(client_optimizer)
-    aggregator = _mean_and_sum()
+    kit.check_loss_fn(loss_fn)
+    kit.check_positive("alpha", alpha, hint=" (the FedDyn coefficient α; the paper uses 0.01)")
+    optimizer = kit.client_optimizer(client_optimizer)
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
+    aggregator = aggregators_lib.mean_and_sum()
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
-        n = _check_num_clients(num_clients)
-        return ServerState(
-            params=params,
-            opt_state=(),
-            round=jnp.zeros((), jnp.int32),
-            aggregator_state=aggregator.init(params),
-            client_states=() if n is None else _zeros_for_clients(params, n),
-            extra=optax.tree.zeros_like(params),
+        n = kit.check_num_clients(num_clients)
+        return kit.server_state(
+            params, server_optimizer, aggregator,
+            client_states=() if n is None else kit.zeros_per_client(params, n),  # g_i
+            extra=optax.tree.zeros_like(params),  # h
         )
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
-        _require_client_state(client.state, name)
+        kit.require_client_state(client.state, name)
         theta, g_i = state.params, client.state
-
-        def dynamic(params, anchor):
-            diff = optax.tree.sub(params, anchor)
-            return -optax.tree.vdot(g_i, params) + 0.5 * alpha * optax.tree.vdot(diff, diff)
-
-        train = local_training(loss_fn, optimizer, unroll=unroll, regularizer=dynamic)
+        regularizer = kit.dynamic_regularizer(alpha, g_i)
+        train = kit.local_training(loss_fn, optimizer, unroll=unroll, regularizer=regularizer)
         result = train(theta, client.batches, key)
-        delta = optax.tree.sub(theta, result.params)  # θ^{t-1} - θ_i^t
+        delta = kit.client_delta(theta, result.params)  # θ^{t-1} - θ_i^t
         new_g_i = optax.tree.add(g_i, optax.tree.scale(alpha, delta))
         return ClientOutput((delta, delta), client.weight, result.metrics, new_g_i)
 
     def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
         del key
         mean_delta, sum_delta = aggregate
-        n = _population_size(state.client_states)
+        n = kit.population_size(state.client_states)
         h = optax.tree.add(state.extra, optax.tree.scale(alpha / n, sum_delta))
-        mean_model = optax.tree.sub(state.params, mean_delta)
-        params = optax.tree.sub(mean_model, optax.tree.scale(1.0 / alpha, h))
-        return state._replace(params=params, extra=h)
+        averaged = kit.apply_server_optimizer(state, server_optimizer, mean_delta)
+        params = optax.tree.sub(averaged.params, optax.tree.scale(1.0 / alpha, h))
+        return averaged._replace(params=params, extra=h)
 
-    return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
+    return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
+                              update_is_delta=False)

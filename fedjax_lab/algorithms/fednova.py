@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab import aggregators as aggregators_lib
-from fedjax_lab import server as server_lib
+from fedjax_lab import kit
 from fedjax_lab._types import (
     ClientInput,
     ClientOutput,
@@ -19,9 +19,6 @@ from fedjax_lab._types import (
     ServerState,
 )
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedavg import _client_optimizer
-from fedjax_lab.algorithms.scaffold import _check_loss_fn
-from fedjax_lab.client import local_training
 
 __all__ = ["fed_nova", "normalizing_constant"]
 
@@ -48,9 +45,10 @@ def normalizing_constant(num_steps: jax.Array, momentum: float = 0.0) -> jax.Arr
 def fed_nova(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
-    server_learning_rate: float = 1.0,
-    momentum: float = 0.0,
     *,
+    local_momentum: float = 0.0,
+    server_optimizer: optax.GradientTransformation | None = None,
+    server_learning_rate: float = 1.0,
     unroll: int | bool = 1,
     name: str = "fednova",
 ) -> FederatedAlgorithm:
@@ -69,7 +67,7 @@ def fed_nova(
     ``τ_eff Σ p_i d_i = Σ p_i (x - y_i)``. With ``epochs`` and unequal client sizes it removes
     the objective inconsistency of FedAvg (clients with more steps no longer dominate).
 
-    ``momentum = ρ > 0`` puts ``optax.trace(ρ)`` in front of ``client_optimizer``: with the
+    ``local_momentum = ρ > 0`` puts ``optax.trace(ρ)`` in front of ``client_optimizer``: with the
     default ``optax.sgd(lr)`` that is the paper's local SGD with momentum
     ``m <- ρ m + g; y <- y - lr m`` (one buffer a client, reset each round). Proximal (FedProx)
     local solvers, whose ``a_i`` the paper also gives, are not covered here.
@@ -78,9 +76,11 @@ def fed_nova(
       loss_fn: ``loss_fn(params, batch, key) -> scalar`` mean loss over real examples.
       client_optimizer: local optimiser (default ``optax.sgd(0.1)``); must be (momentum) SGD
         for the normalisation to be the paper's.
-      server_learning_rate: ``η_g`` (the paper uses 1).
-      momentum: ``ρ ∈ [0, 1)`` of the local momentum (the paper's experiments use 0.9 for its
+      local_momentum: ``ρ ∈ [0, 1)`` of the local momentum (the paper's experiments use 0.9 for its
         momentum variant; default 0 = vanilla SGD).
+      server_optimizer: the server optimiser on ``τ_eff Σ p_i d_i`` (default
+        ``fl.server.fed_sgd(server_learning_rate)``, the paper's step).
+      server_learning_rate: ``η_g`` (the paper uses 1).
       unroll: ``lax.scan`` unroll of the local steps.
       name: a label for logs and tables.
 
@@ -103,39 +103,31 @@ def fed_nova(
       >>> round(float(state.params[0]), 4)  # 1.5 * (0.36/2 + 0.2/1) / 2; FedAvg: 0.28
       0.285
     """
-    _check_loss_fn(loss_fn)
-    concrete = isinstance(momentum, (int, float))
-    if concrete and not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum: the local momentum ρ must be in [0, 1), got {momentum!r}.")
-    optimizer = _client_optimizer(client_optimizer)
-    if not (concrete and momentum == 0):
-        optimizer = optax.chain(optax.trace(decay=momentum), optimizer)
-    server_optimizer = server_lib.fed_sgd(server_learning_rate)
+    kit.check_loss_fn(loss_fn)
+    kit.check_in_range("local_momentum", local_momentum, 0.0, 1.0, high_open=True)
+    optimizer = kit.client_optimizer(client_optimizer)
+    if not (isinstance(local_momentum, (int, float)) and local_momentum == 0):
+        optimizer = optax.chain(optax.trace(decay=local_momentum), optimizer)
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
     aggregator = aggregators_lib.weighted_mean()
-    train = local_training(loss_fn, optimizer, unroll=unroll)
+    train = kit.local_training(loss_fn, optimizer, unroll=unroll)
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
         del num_clients
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            round=jnp.zeros((), jnp.int32),
-            aggregator_state=aggregator.init(params),
-        )
+        return kit.server_state(params, server_optimizer, aggregator)
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
         result = train(state.params, client.batches, key)
-        a_i = normalizing_constant(result.metrics["num_steps"], momentum)
-        delta = optax.tree.sub(state.params, result.params)
+        a_i = normalizing_constant(result.metrics["num_steps"], local_momentum)
+        delta = kit.client_delta(state.params, result.params)
         d_i = optax.tree.scale(1.0 / jnp.maximum(a_i, 1e-12), delta)
         return ClientOutput((d_i, a_i), client.weight, result.metrics, ())
 
     def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
         del key
         mean_d, tau_eff = aggregate
-        step = optax.tree.scale(tau_eff, mean_d)
-        updates, opt_state = server_optimizer.update(step, state.opt_state, state.params)
-        return state._replace(params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
+        return kit.apply_server_optimizer(state, server_optimizer,
+                                          optax.tree.scale(tau_eff, mean_d))
 
-    return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
+    return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
+                              update_is_delta=False)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from fedjax_lab import server as server_lib
-from fedjax_lab._types import FederatedAlgorithm, LossFn
+from fedjax_lab._types import Aggregator, FederatedAlgorithm, LossFn
 from fedjax_lab.algorithms._registry import register
 from fedjax_lab.algorithms.fedavg import fed_opt
 from fedjax_lab.client import proximal
@@ -17,22 +16,32 @@ __all__ = ["fed_prox"]
 def fed_prox(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
+    *,
     mu: float = 0.01,
     server_optimizer: optax.GradientTransformation | None = None,
-    **kwargs,
+    server_learning_rate: float = 1.0,
+    aggregator: Aggregator | None = None,
+    unroll: int | bool = 1,
+    skip_empty_steps: bool = True,
+    name: str = "fedprox",
 ) -> FederatedAlgorithm:
     """FedProx: each client minimises ``F_i(w) + (mu / 2) * ||w - w_t||^2`` from ``w_t``.
 
     The proximal term keeps local models near the server model ``w_t`` under heterogeneous data
     and unequal local work; with ``mu = 0`` it is exactly FedAvg. The server step is
-    ``server_optimizer`` on the mean delta (default ``fed_sgd(1.0)``, plain averaging).
+    ``server_optimizer`` on the mean delta (default ``fed_sgd(server_learning_rate)``, plain
+    averaging at 1.0).
 
     Args:
       loss_fn: mean loss over real examples.
       client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
-      mu: proximal coefficient ``>= 0`` (the paper tunes it in {0.001, 0.01, 0.1, 1}).
-      server_optimizer: server optimiser (default :func:`fedjax_lab.server.fed_sgd` of 1.0).
-      **kwargs: passed to :func:`fedjax_lab.algorithms.fed_opt`.
+      mu: proximal coefficient ``μ >= 0`` (the paper tunes it in {0.001, 0.01, 0.1, 1}).
+      server_optimizer: server optimiser (default :func:`fedjax_lab.server.fed_sgd`).
+      server_learning_rate: the FedSGD rate when ``server_optimizer`` is ``None``.
+      aggregator: how client deltas are combined (default weighted mean).
+      unroll: ``lax.scan`` unroll of the local steps.
+      skip_empty_steps: see :func:`fedjax_lab.client.local_loop`.
+      name: a label for logs and tables.
 
     References:
       Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020.
@@ -43,8 +52,8 @@ def fed_prox(
       >>> alg.name
       'fedprox'
     """
-    kwargs.setdefault("name", "fedprox")
-    server_optimizer = server_optimizer if server_optimizer is not None else server_lib.fed_sgd(1.0)
     return fed_opt(
-        loss_fn, client_optimizer, server_optimizer, regularizer=proximal(mu), **kwargs
+        loss_fn, client_optimizer, server_optimizer, server_learning_rate=server_learning_rate,
+        aggregator=aggregator, regularizer=proximal(mu), unroll=unroll,
+        skip_empty_steps=skip_empty_steps, name=name,
     )

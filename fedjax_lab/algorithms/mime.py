@@ -7,11 +7,14 @@ full-batch gradient at the server model. Mime adds an SVRG-style control variate
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_lab import aggregators as aggregators_lib
+from fedjax_lab import kit
 from fedjax_lab._types import (
     ClientInput,
     ClientOutput,
@@ -23,20 +26,33 @@ from fedjax_lab._types import (
     ServerState,
 )
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedavg import _client_optimizer
-from fedjax_lab.algorithms.scaffold import _check_loss_fn, _check_rate, _local_loop
 
-__all__ = ["base_optimizer", "mime", "mime_lite"]
+__all__ = ["MimeState", "base_optimizer", "mime", "mime_lite"]
+
+
+class MimeState(NamedTuple):
+    """Mime's server state beside the model (``state.extra``).
+
+    Attributes:
+      statistics: the base optimiser's state ``s`` (momentum, Adam moments), updated on the
+        server and frozen during local steps.
+      control_variate: Mime's ``c`` (``()`` for MimeLite).
+      measured: whether ``c`` has been measured yet (``()`` for MimeLite).
+    """
+
+    statistics: PyTree
+    control_variate: PyTree = ()
+    measured: PyTree = ()
 
 
 def base_optimizer(
-    client_optimizer: optax.GradientTransformation | None, beta: float
+    client_optimizer: optax.GradientTransformation | None, momentum: float
 ) -> optax.GradientTransformation:
-    """The optimiser Mime mimics: ``optax.ema(beta)`` (no debias) then ``client_optimizer``.
+    """The optimiser Mime mimics: ``optax.ema(β)`` (no debias) then ``client_optimizer``.
 
     With ``optax.sgd(lr)`` this is SGD with the paper's momentum
-    ``m <- (1 - β) g + β m;  x <- x - lr m``; ``beta=0`` is ``client_optimizer`` alone (pass
-    ``optax.adam(lr)`` with ``beta=0`` for Mime-Adam).
+    ``m <- (1 - β) g + β m;  x <- x - lr m`` (``β = momentum``); ``momentum=0`` is
+    ``client_optimizer`` alone (pass ``optax.adam(lr)`` with ``momentum=0`` for Mime-Adam).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -45,78 +61,81 @@ def base_optimizer(
       >>> [round(v, 3) for v in u.tolist()]
       [-0.1]
     """
-    concrete = isinstance(beta, (int, float))
-    if concrete and not 0.0 <= beta < 1.0:
-        raise ValueError(f"beta: the momentum β must be in [0, 1), got {beta!r}.")
-    optimizer = _client_optimizer(client_optimizer)
-    if concrete and beta == 0:
+    kit.check_in_range("momentum", momentum, 0.0, 1.0, high_open=True)
+    optimizer = kit.client_optimizer(client_optimizer)
+    if isinstance(momentum, (int, float)) and momentum == 0:
         return optimizer
-    return optax.chain(optax.ema(decay=beta, debias=False), optimizer)
+    return optax.chain(optax.ema(decay=momentum, debias=False), optimizer)
 
 
 def _mime_family(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None,
+    momentum: float,
+    server_optimizer: optax.GradientTransformation | None,
     server_learning_rate: float,
-    beta: float,
     *,
     control_variate: bool,
     unroll: int | bool,
     name: str,
 ) -> FederatedAlgorithm:
-    _check_loss_fn(loss_fn)
-    _check_rate("server_learning_rate", server_learning_rate)
-    base = base_optimizer(client_optimizer, beta)
+    kit.check_loss_fn(loss_fn)
+    kit.check_positive("server_learning_rate", server_learning_rate)
+    base = base_optimizer(client_optimizer, momentum)
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
     aggregator = aggregators_lib.weighted_mean()
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.grad(loss_fn)
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
         del num_clients
-        zeros = optax.tree.zeros_like(params)
-        return ServerState(
-            params=params,
-            opt_state=base.init(params),
-            round=jnp.zeros((), jnp.int32),
-            aggregator_state=aggregator.init(params),
-            # Mime: (c, whether c has been measured yet)
-            extra=(zeros, jnp.zeros((), jnp.bool_)) if control_variate else (),
-        )
+        extra = MimeState(base.init(params))
+        if control_variate:
+            extra = extra._replace(control_variate=optax.tree.zeros_like(params),
+                                   measured=jnp.zeros((), jnp.bool_))
+        return kit.server_state(params, server_optimizer, aggregator, extra=extra)
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
-        x, frozen = state.params, state.opt_state
-        if control_variate:
-            c, has_c = state.extra
+        x, extra = state.params, state.extra
 
-        def step(y, opt_state, batch, k):
-            loss, g_y = grad_fn(y, batch, k)
-            _, g_x = grad_fn(x, batch, k)
+        def correction(g_y, y, batch, k):
+            g_x = grad_fn(x, batch, k)
             direction = g_y
             if control_variate:
-                svrg = optax.tree.add(optax.tree.sub(g_y, g_x), c)
-                direction = optax.tree.where(has_c, svrg, g_y)
-            updates, _ = base.update(direction, frozen, y)  # statistics stay frozen
-            count = jnp.sum(batch["mask"])
-            return optax.apply_updates(y, updates), opt_state, loss, optax.tree.scale(count, g_x)
+                svrg = optax.tree.add(optax.tree.sub(g_y, g_x), extra.control_variate)
+                direction = optax.tree.where(extra.measured, svrg, g_y)
+            return direction, optax.tree.scale(jnp.sum(batch["mask"]), g_x)
 
-        y, _, grad_sum, metrics = _local_loop(
-            step, x, (), client.batches, key, optax.tree.zeros_like(x), unroll=unroll
+        # The base optimiser's update with the server's statistics FROZEN (its new state dropped).
+        statistics = extra.statistics
+        mimicked = optax.GradientTransformation(
+            lambda params: (),
+            lambda d, s, params=None: (base.update(d, statistics, params)[0], s),
         )
-        full_grad = optax.tree.scale(1.0 / jnp.maximum(metrics["num_examples"], 1.0), grad_sum)
-        return ClientOutput((optax.tree.sub(x, y), full_grad), client.weight, metrics, ())
+        train = kit.local_training(loss_fn, mimicked, unroll=unroll, correction=correction)
+        result = train(x, client.batches, key)
+        full_grad = optax.tree.scale(
+            1.0 / jnp.maximum(result.metrics["num_examples"], 1.0), result.stats
+        )
+        update = (kit.client_delta(x, result.params), full_grad)
+        return ClientOutput(update, client.weight, result.metrics, ())
 
     def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
         del key
         mean_delta, mean_grad = aggregate
-        _, opt_state = base.update(mean_grad, state.opt_state, state.params)
-        params = optax.tree.sub(state.params, optax.tree.scale(server_learning_rate, mean_delta))
-        extra = (mean_grad, jnp.ones((), jnp.bool_)) if control_variate else ()
-        return state._replace(params=params, opt_state=opt_state, extra=extra)
+        _, statistics = base.update(mean_grad, state.extra.statistics, state.params)
+        extra = state.extra._replace(statistics=statistics)
+        if control_variate:
+            extra = extra._replace(control_variate=mean_grad, measured=jnp.ones((), jnp.bool_))
+        state = kit.apply_server_optimizer(state, server_optimizer, mean_delta)
+        return state._replace(extra=extra)
 
-    return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
+    return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
+                              update_is_delta=False)
 
 
 _RULE = """
-    Server state: model ``x`` and the base optimiser's statistics ``s`` (``state.opt_state``;
+    Server state: model ``x`` and the base optimiser's statistics ``s``
+    (``state.extra.statistics``, a :class:`MimeState`;
     for the default momentum ``s = m``). Round ``t``, cohort weights ``p_i``:
 
     * client ``i``: ``y <- x``; each REAL local step (all-padding steps are skipped), with
@@ -134,24 +153,27 @@ _RULE = """
 def mime_lite(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
-    server_learning_rate: float = 1.0,
-    beta: float = 0.9,
     *,
+    momentum: float = 0.9,
+    server_optimizer: optax.GradientTransformation | None = None,
+    server_learning_rate: float = 1.0,
     unroll: int | bool = 1,
     name: str = "mimelite",
 ) -> FederatedAlgorithm:
     """MimeLite: local steps use the server's frozen optimiser statistics, no control variate.
 
     {rule}
-    With ``beta=0`` and SGD the base optimiser has no statistics and MimeLite is FedAvg with the
+    With ``momentum=0`` and SGD the base optimiser has no statistics and MimeLite is FedAvg with the
     same client learning rate.
 
     Args:
       loss_fn: ``loss_fn(params, batch, key) -> scalar`` mean loss over real examples.
       client_optimizer: the base optimiser's update without the momentum (default
         ``optax.sgd(0.1)``); see :func:`base_optimizer`.
+      momentum: ``β ∈ [0, 1)``, the momentum of the base optimiser (paper default 0.9).
+      server_optimizer: the server optimiser on the averaged client delta (default
+        ``fl.server.fed_sgd(server_learning_rate)``, the paper's step).
       server_learning_rate: ``η_g`` on the averaged client delta (the paper uses 1).
-      beta: momentum ``β ∈ [0, 1)`` of the base optimiser (paper default 0.9).
       unroll: ``lax.scan`` unroll of the local steps.
       name: a label for logs and tables.
 
@@ -168,24 +190,25 @@ def mime_lite(
       >>> import jax, jax.numpy as jnp, optax, fedjax_lab as fl
       >>> from fedjax_lab.algorithms.mime import mime_lite
       >>> loss = lambda p, b, k: jnp.sum(b["mask"] * (b["x"] @ p - b["y"]) ** 2) / b["mask"].sum()
-      >>> alg = mime_lite(loss, optax.sgd(0.1), beta=0.5)
+      >>> alg = mime_lite(loss, optax.sgd(0.1), momentum=0.5)
       >>> cohort = fl.Cohort({{"x": jnp.ones((1, 1, 2, 1)), "y": jnp.ones((1, 1, 2)),
       ...                     "mask": jnp.ones((1, 1, 2))}}, jnp.ones(1), jnp.arange(1))
       >>> state, _ = fl.run_round(alg, alg.init(jnp.zeros(1)), cohort, jax.random.key(0))
-      >>> round(float(state.params[0]), 3), round(float(state.opt_state[0].ema[0]), 3)
+      >>> round(float(state.params[0]), 3), round(float(state.extra.statistics[0].ema[0]), 3)
       (0.1, -1.0)
     """
-    return _mime_family(loss_fn, client_optimizer, server_learning_rate, beta,
-                        control_variate=False, unroll=unroll, name=name)
+    return _mime_family(loss_fn, client_optimizer, momentum, server_optimizer,
+                        server_learning_rate, control_variate=False, unroll=unroll, name=name)
 
 
 @register("mime")
 def mime(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
-    server_learning_rate: float = 1.0,
-    beta: float = 0.9,
     *,
+    momentum: float = 0.9,
+    server_optimizer: optax.GradientTransformation | None = None,
+    server_learning_rate: float = 1.0,
     unroll: int | bool = 1,
     name: str = "mime",
 ) -> FederatedAlgorithm:
@@ -195,17 +218,19 @@ def mime(
     The paper measures ``c = mean_{{j∈S}} ∇f_j(x)`` at the CURRENT ``x`` in an extra
     communication step before local training. A round here is one pass of the client map, so
     ``c`` is the ``ḡ`` of the PREVIOUS applied round (measured at the previous server model by
-    the previous cohort), kept in ``state.extra = (c, has_c)``; until a first round has been
-    applied (``has_c`` false) the local steps are MimeLite's. (An exact Mime needs a two-pass
-    round; the correction ``-∇f_i(x; ζ) + c`` vanishes in the first local step exactly when
-    every client's full-batch gradient equals ``c``.)
+    the previous cohort), kept in ``state.extra.control_variate`` (and ``measured``); until a
+    first round has been applied (``measured`` false) the local steps are MimeLite's. (An exact
+    Mime needs a two-pass round; the correction ``-∇f_i(x; ζ) + c`` vanishes in the first local
+    step exactly when every client's full-batch gradient equals ``c``.)
 
     Args:
       loss_fn: ``loss_fn(params, batch, key) -> scalar`` mean loss over real examples.
       client_optimizer: the base optimiser's update without the momentum (default
         ``optax.sgd(0.1)``); see :func:`base_optimizer`.
+      momentum: ``β ∈ [0, 1)``, the momentum of the base optimiser (paper default 0.9).
+      server_optimizer: the server optimiser on the averaged client delta (default
+        ``fl.server.fed_sgd(server_learning_rate)``, the paper's step).
       server_learning_rate: ``η_g`` on the averaged client delta (the paper uses 1).
-      beta: momentum ``β ∈ [0, 1)`` of the base optimiser (paper default 0.9).
       unroll: ``lax.scan`` unroll of the local steps.
       name: a label for logs and tables.
 
@@ -222,15 +247,16 @@ def mime(
       >>> import jax, jax.numpy as jnp, optax, fedjax_lab as fl
       >>> from fedjax_lab.algorithms.mime import mime
       >>> loss = lambda p, b, k: jnp.sum(b["mask"] * (b["x"] @ p - b["y"]) ** 2) / b["mask"].sum()
-      >>> alg = mime(loss, optax.sgd(0.1), beta=0.0)
+      >>> alg = mime(loss, optax.sgd(0.1), momentum=0.0)
       >>> cohort = fl.Cohort({{"x": jnp.ones((1, 1, 2, 1)), "y": jnp.ones((1, 1, 2)),
       ...                     "mask": jnp.ones((1, 1, 2))}}, jnp.ones(1), jnp.arange(1))
       >>> state, _ = fl.run_round(alg, alg.init(jnp.zeros(1)), cohort, jax.random.key(0))
-      >>> float(state.extra[0][0]), bool(state.extra[1])  # c = ∇f(x_0) for the next round
+      >>> c, measured = state.extra.control_variate, state.extra.measured
+      >>> float(c[0]), bool(measured)  # c = ∇f(x_0) for the next round
       (-2.0, True)
     """
-    return _mime_family(loss_fn, client_optimizer, server_learning_rate, beta,
-                        control_variate=True, unroll=unroll, name=name)
+    return _mime_family(loss_fn, client_optimizer, momentum, server_optimizer,
+                        server_learning_rate, control_variate=True, unroll=unroll, name=name)
 
 
 if mime_lite.__doc__ and mime.__doc__:  # None under python -OO

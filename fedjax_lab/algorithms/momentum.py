@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_lab import aggregators as aggregators_lib
+from fedjax_lab import kit
 from fedjax_lab._types import (
     ClientInput,
     ClientOutput,
@@ -18,8 +18,6 @@ from fedjax_lab._types import (
     ServerState,
 )
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedavg import _client_optimizer
-from fedjax_lab.algorithms.scaffold import _check_loss_fn, _check_rate, _local_loop
 
 __all__ = ["fed_avg_momentum"]
 
@@ -28,9 +26,10 @@ __all__ = ["fed_avg_momentum"]
 def fed_avg_momentum(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
-    server_learning_rate: float = 1.0,
-    beta: float = 0.1,
     *,
+    gradient_weight: float = 0.1,
+    server_optimizer: optax.GradientTransformation | None = None,
+    server_learning_rate: float = 1.0,
     unroll: int | bool = 1,
     name: str = "fedavg_momentum",
 ) -> FederatedAlgorithm:
@@ -49,16 +48,19 @@ def fed_avg_momentum(
     The paper writes the server step as ``x <- x - γ g^{r+1}`` with
     ``g^{r+1} = (1/(ηNK)) Σ_i (x - y_i)``; for equal ``K`` that is the step above with
     ``γ = η_g η K``, so ``server_learning_rate`` is ``γ`` in units of ``ηK`` (1 = a FedAvg
-    step). ``β = 1`` is FedAvg exactly (``g`` is then unused); smaller ``β`` is more momentum.
+    step). ``β = gradient_weight = 1`` is FedAvg exactly (``g`` is then unused); smaller
+    ``β`` is more momentum.
     This is the paper's EMA convention (``β`` weights the NEW gradient), the opposite of
     optax's ``trace(decay)``.
 
     Args:
       loss_fn: ``loss_fn(params, batch, key) -> scalar`` mean loss over real examples.
       client_optimizer: local optimiser applied to ``d_k`` (default ``optax.sgd(0.1)``).
+      gradient_weight: ``β ∈ (0, 1]``, the weight of the fresh gradient (our default 0.1:
+        momentum 0.9 in the usual convention; the paper tunes ``β``).
+      server_optimizer: the server optimiser on the averaged client delta (default
+        ``fl.server.fed_sgd(server_learning_rate)``).
       server_learning_rate: ``η_g`` on the averaged client delta (``γ / (ηK)``; default 1).
-      beta: ``β ∈ (0, 1]``, the weight of the fresh gradient (our default 0.1: momentum 0.9
-        in the usual convention; the paper tunes ``β``).
       unroll: ``lax.scan`` unroll of the local steps.
       name: a label for logs and tables.
 
@@ -74,56 +76,46 @@ def fed_avg_momentum(
       >>> import jax, jax.numpy as jnp, optax, fedjax_lab as fl
       >>> from fedjax_lab.algorithms.momentum import fed_avg_momentum
       >>> loss = lambda p, b, k: jnp.sum(b["mask"] * (b["x"] @ p - b["y"]) ** 2) / b["mask"].sum()
-      >>> alg = fed_avg_momentum(loss, optax.sgd(0.1), beta=0.5)
+      >>> alg = fed_avg_momentum(loss, optax.sgd(0.1), gradient_weight=0.5)
       >>> cohort = fl.Cohort({"x": jnp.ones((1, 1, 2, 1)), "y": jnp.ones((1, 1, 2)),
       ...                     "mask": jnp.ones((1, 1, 2))}, jnp.ones(1), jnp.arange(1))
       >>> state, _ = fl.run_round(alg, alg.init(jnp.zeros(1)), cohort, jax.random.key(0))
       >>> round(float(state.params[0]), 3), round(float(state.extra[0]), 3)  # d = 0.5 * -2
       (0.1, -1.0)
     """
-    _check_loss_fn(loss_fn)
-    _check_rate("server_learning_rate", server_learning_rate)
-    if isinstance(beta, (int, float)) and not 0.0 < beta <= 1.0:
-        raise ValueError(
-            f"beta: the gradient weight β must be in (0, 1] (1 = FedAvg), got {beta!r}."
-        )
-    optimizer = _client_optimizer(client_optimizer)
+    kit.check_loss_fn(loss_fn)
+    kit.check_in_range("gradient_weight", gradient_weight, 0.0, 1.0, low_open=True,
+                       hint=" (the weight β of the fresh gradient; 1 = FedAvg)")
+    beta = gradient_weight
+    optimizer = kit.client_optimizer(client_optimizer)
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
     aggregator = aggregators_lib.weighted_mean()
-    grad_fn = jax.value_and_grad(loss_fn)
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
         del num_clients
-        return ServerState(
-            params=params,
-            opt_state=(),
-            round=jnp.zeros((), jnp.int32),
-            aggregator_state=aggregator.init(params),
-            extra=optax.tree.zeros_like(params),
-        )
+        return kit.server_state(params, server_optimizer, aggregator,
+                                extra=optax.tree.zeros_like(params))  # g
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
         x, g = state.params, state.extra
 
-        def step(y, opt_state, batch, k):
-            loss, grad = grad_fn(y, batch, k)
+        def mix(grad, *_):  # d_k = β ∇F_i(y) + (1 - β) g, summed over the real steps
             d = optax.tree.add(optax.tree.scale(beta, grad), optax.tree.scale(1.0 - beta, g))
-            updates, opt_state = optimizer.update(d, opt_state, y)
-            return optax.apply_updates(y, updates), opt_state, loss, d
+            return d, d
 
-        y, _, d_sum, metrics = _local_loop(
-            step, x, optimizer.init(x), client.batches, key, optax.tree.zeros_like(x),
-            unroll=unroll,
-        )
-        k_real = metrics["num_steps"]
+        train = kit.local_training(loss_fn, optimizer, unroll=unroll, correction=mix)
+        result = train(x, client.batches, key)
+        k_real = result.metrics["num_steps"]
         g_i = optax.tree.where(
-            k_real > 0, optax.tree.scale(1.0 / jnp.maximum(k_real, 1.0), d_sum), g
+            k_real > 0, optax.tree.scale(1.0 / jnp.maximum(k_real, 1.0), result.stats), g
         )
-        return ClientOutput((optax.tree.sub(x, y), g_i), client.weight, metrics, ())
+        update = (kit.client_delta(x, result.params), g_i)
+        return ClientOutput(update, client.weight, result.metrics, ())
 
     def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
         del key
         mean_delta, g = aggregate
-        params = optax.tree.sub(state.params, optax.tree.scale(server_learning_rate, mean_delta))
-        return state._replace(params=params, extra=g)
+        return kit.apply_server_optimizer(state, server_optimizer, mean_delta)._replace(extra=g)
 
-    return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
+    return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
+                              update_is_delta=False)

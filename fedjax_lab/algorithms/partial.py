@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab import server as server_lib
+from fedjax_lab import aggregators as aggregators_lib
+from fedjax_lab import kit
 from fedjax_lab._types import (
     ClientInput,
     ClientOutput,
@@ -29,11 +30,7 @@ from fedjax_lab._types import (
     PyTree,
     ServerState,
 )
-from fedjax_lab.aggregators import weighted_mean
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedau import check_num_clients, require_client_state
-from fedjax_lab.algorithms.fedavg import _client_optimizer
-from fedjax_lab.client import local_training
 
 __all__ = ["fed_per", "fed_rep", "merge", "personal_params", "resolve_global_mask", "split"]
 
@@ -177,32 +174,25 @@ def _partial(
     local_keys: str | Sequence[str] | None,
     head_epochs: int | None,
     body_epochs: int,
+    server_optimizer: optax.GradientTransformation | None,
     server_learning_rate: float,
     unroll: int | bool,
     name: str,
 ) -> FederatedAlgorithm:
-    for label, v in (("head_epochs", head_epochs), ("body_epochs", body_epochs)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"{label}: need a whole number >= 1, got {v!r}.")
-    client_optimizer = _client_optimizer(client_optimizer)
-    server_optimizer = server_lib.fed_sgd(server_learning_rate)
-    aggregator = weighted_mean()
-    joint = local_training(loss_fn, client_optimizer, unroll=unroll)
+    kit.check_loss_fn(loss_fn)
+    kit.check_count("head_epochs", head_epochs, optional=True)
+    kit.check_count("body_epochs", body_epochs)
+    client_optimizer = kit.client_optimizer(client_optimizer)
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
+    aggregator = aggregators_lib.weighted_mean()
+    joint = kit.local_training(loss_fn, client_optimizer, unroll=unroll)
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
-        n = check_num_clients(num_clients)
+        n = kit.check_num_clients(num_clients)
         mask = resolve_global_mask(params, global_mask, local_keys)
         _, loc = split(params, mask)
-        states = () if n is None else tuple(
-            jnp.broadcast_to(x, (n,) + jnp.shape(x)) for x in loc
-        )
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            round=jnp.zeros((), jnp.int32),
-            aggregator_state=aggregator.init(params),
-            client_states=states,
-        )
+        heads = () if n is None else tuple(kit.copies_per_client(tuple(loc), n))
+        return kit.server_state(params, server_optimizer, aggregator, client_states=heads)
 
     def repeat(batches, times):
         return batches if times == 1 else jax.tree.map(
@@ -210,7 +200,7 @@ def _partial(
         )
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
-        require_client_state(client.state, name)
+        kit.require_client_state(client.state, name)
         mask = resolve_global_mask(state.params, global_mask, local_keys)
         w = state.params
         own = list(client.state)
@@ -226,14 +216,14 @@ def _partial(
             def head_loss(loc, batch, k):
                 return loss_fn(merge(w, loc, mask), batch, k)
 
-            head = local_training(head_loss, client_optimizer, unroll=unroll)
+            head = kit.local_training(head_loss, client_optimizer, unroll=unroll)
             new_local = head(own, repeat(client.batches, head_epochs), k_head).params
 
             def body_loss(glob, batch, k):
                 full = merge(_replace_global(w, glob, mask), new_local, mask)
                 return loss_fn(full, batch, k)
 
-            body = local_training(body_loss, client_optimizer, unroll=unroll)
+            body = kit.local_training(body_loss, client_optimizer, unroll=unroll)
             result = body(glob0, repeat(client.batches, body_epochs), k_body)
             trained = merge(_replace_global(w, result.params, mask), new_local, mask)
             metrics = result.metrics
@@ -241,11 +231,7 @@ def _partial(
         delta = jax.tree.map(lambda d, m: d if m else jnp.zeros_like(d), delta, mask)
         return ClientOutput(delta, client.weight, metrics, tuple(new_local))
 
-    def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
-        del key
-        updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return state._replace(params=params, opt_state=opt_state)
+    server_update = kit.server_step(server_optimizer)
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
 
@@ -262,10 +248,11 @@ def _replace_global(params: Params, glob: Sequence[jax.Array], mask: PyTree) -> 
 def fed_rep(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
+    *,
     head_epochs: int = 10,
     body_epochs: int = 1,
+    server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,
-    *,
     global_mask: MaskSpec = None,
     local_keys: str | Sequence[str] | None = None,
     unroll: int | bool = 1,
@@ -289,6 +276,8 @@ def fed_rep(
         phase.
       head_epochs: passes of the head phase (paper: 10).
       body_epochs: passes of the body phase (paper: 1).
+      server_optimizer: the server optimiser on the mean body delta (default
+        ``fl.server.fed_sgd(server_learning_rate)``).
       server_learning_rate: ``γ`` (1.0: average of the bodies).
       global_mask: which leaves are global (see :func:`resolve_global_mask`).
       local_keys: alternatively, path substrings of the local leaves (e.g. ``"Dense_1"``).
@@ -314,7 +303,8 @@ def fed_rep(
     return _partial(
         loss_fn, client_optimizer, global_mask=global_mask, local_keys=local_keys,
         head_epochs=head_epochs, body_epochs=body_epochs,
-        server_learning_rate=server_learning_rate, unroll=unroll, name=name,
+        server_optimizer=server_optimizer, server_learning_rate=server_learning_rate,
+        unroll=unroll, name=name,
     )
 
 
@@ -322,9 +312,10 @@ def fed_rep(
 def fed_per(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
-    epochs: int = 1,
-    server_learning_rate: float = 1.0,
     *,
+    epochs: int = 1,
+    server_optimizer: optax.GradientTransformation | None = None,
+    server_learning_rate: float = 1.0,
     global_mask: MaskSpec = None,
     local_keys: str | Sequence[str] | None = None,
     unroll: int | bool = 1,
@@ -341,6 +332,8 @@ def fed_per(
       loss_fn: mean loss over real examples.
       client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
       epochs: passes over the client's batches.
+      server_optimizer: the server optimiser on the mean body delta (default
+        ``fl.server.fed_sgd(server_learning_rate)``).
       server_learning_rate: ``γ``.
       global_mask: which leaves are global (see :func:`resolve_global_mask`).
       local_keys: alternatively, path substrings of the local leaves.
@@ -364,5 +357,6 @@ def fed_per(
     return _partial(
         loss_fn, client_optimizer, global_mask=global_mask, local_keys=local_keys,
         head_epochs=None, body_epochs=epochs,
-        server_learning_rate=server_learning_rate, unroll=unroll, name=name,
+        server_optimizer=server_optimizer, server_learning_rate=server_learning_rate,
+        unroll=unroll, name=name,
     )

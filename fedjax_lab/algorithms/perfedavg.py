@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab import server as server_lib
+from fedjax_lab import aggregators as aggregators_lib
+from fedjax_lab import kit
 from fedjax_lab._types import (
     ClientInput,
     ClientOutput,
@@ -14,12 +15,9 @@ from fedjax_lab._types import (
     LossFn,
     Params,
     PRNGKey,
-    PyTree,
     ServerState,
 )
-from fedjax_lab.aggregators import weighted_mean
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedavg import _client_optimizer
 
 __all__ = ["per_fedavg"]
 
@@ -35,9 +33,10 @@ def _half(batch: dict[str, jax.Array], which: int) -> dict[str, jax.Array]:
 def per_fedavg(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
-    alpha: float = 0.01,
-    server_learning_rate: float = 1.0,
     *,
+    alpha: float = 0.01,
+    server_optimizer: optax.GradientTransformation | None = None,
+    server_learning_rate: float = 1.0,
     unroll: int | bool = 1,
     name: str = "perfedavg",
 ) -> FederatedAlgorithm:
@@ -60,6 +59,8 @@ def per_fedavg(
       loss_fn: mean loss over real examples.
       client_optimizer: the ``β`` (meta) optimiser (default ``optax.sgd(0.1)``).
       alpha: adaptation step size ``α >= 0``.
+      server_optimizer: the server optimiser on the mean delta (default
+        ``fl.server.fed_sgd(server_learning_rate)``).
       server_learning_rate: ``γ`` (1.0: FedAvg).
       unroll: ``lax.scan`` unroll of the local steps.
       name: a label for logs and tables.
@@ -78,71 +79,52 @@ def per_fedavg(
       >>> alg.name
       'perfedavg'
     """
-    if not alpha >= 0:
-        raise ValueError(f"alpha: the adaptation step α must be >= 0, got {alpha!r}.")
-    client_optimizer = _client_optimizer(client_optimizer)
-    server_optimizer = server_lib.fed_sgd(server_learning_rate)
-    aggregator = weighted_mean()
+    kit.check_loss_fn(loss_fn)
+    kit.check_positive("alpha", alpha, allow_zero=True, hint=" (the adaptation step α)")
+    client_optimizer = kit.client_optimizer(client_optimizer)
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
+    aggregator = aggregators_lib.weighted_mean()
     grad_fn = jax.value_and_grad(loss_fn)
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
         del num_clients
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            round=jnp.zeros((), jnp.int32),
-            aggregator_state=aggregator.init(params),
-        )
+        return kit.server_state(params, server_optimizer, aggregator)
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
         batches = client.batches
-        num_steps, b = batches["mask"].shape
+        b = batches["mask"].shape[1]
         if b < 2:
             raise ValueError(
                 f"batch_size: Per-FedAvg splits each batch into two halves; need >= 2, got {b}."
             )
 
-        def step(carry, xs):
-            w, opt_state = carry
-            batch, k = xs
+        def step(w, opt_state, batch, k):  # a step is real when its D' half has an example
             d, d2 = _half(batch, 0), _half(batch, 1)
             k1, k2 = jax.random.split(k)
-            count, count2 = jnp.sum(d["mask"]), jnp.sum(d2["mask"])
+            loss, g = grad_fn(w, d, k1)
+            w_adapted = optax.tree.add_scale(w, -alpha, g)
+            _, g2 = grad_fn(w_adapted, d2, k2)
+            updates, opt_state = client_optimizer.update(g2, opt_state, w)
+            loss_on_d = loss.astype(jnp.float32) * jnp.sum(d["mask"])  # summed as a stat
+            return optax.apply_updates(w, updates), opt_state, loss, loss_on_d
 
-            def apply(args):
-                w, opt_state = args
-                loss, g = grad_fn(w, d, k1)
-                w_adapted = optax.tree.add_scale(w, -alpha, g)
-                _, g2 = grad_fn(w_adapted, d2, k2)
-                updates, opt_state = client_optimizer.update(g2, opt_state, w)
-                return optax.apply_updates(w, updates), opt_state, loss
-
-            def skip(args):
-                w, opt_state = args
-                return w, opt_state, 0.0 * count
-
-            w, opt_state, loss = jax.lax.cond(count2 > 0, apply, skip, (w, opt_state))
-            real = (count2 > 0).astype(jnp.float32)
-            return (w, opt_state), (loss.astype(jnp.float32) * count * real,
-                                    (count + count2) * real)
-
+        halves = batches["mask"][:, : b // 2], batches["mask"][:, b // 2 : 2 * (b // 2)]
+        adapt_counts, meta_counts = (jnp.sum(h, axis=1) for h in halves)
         w0 = state.params
-        (w, _), (loss_sums, counts) = jax.lax.scan(
-            step, (w0, client_optimizer.init(w0)), (batches, jax.random.split(key, num_steps)),
-            unroll=unroll,
-        )
-        n_adapt = jnp.sum(jnp.sum(batches["mask"][:, : b // 2], axis=1) * (counts > 0))
+        result = kit.local_loop(step, w0, client_optimizer.init(w0), batches, key,
+                                stats_init=jnp.zeros((), jnp.float32), step_counts=meta_counts,
+                                unroll=unroll)
+        # The loss reported is the one on the D halves, over both halves' examples.
+        real = (meta_counts > 0).astype(jnp.float32)
+        counts = (adapt_counts + meta_counts) * real
+        n_adapt = jnp.sum(adapt_counts * real)
         metrics = {
-            "loss_sum": jnp.sum(loss_sums) / jnp.maximum(n_adapt, 1.0) * jnp.sum(counts),
+            "loss_sum": result.stats / jnp.maximum(n_adapt, 1.0) * jnp.sum(counts),
             "num_examples": jnp.sum(counts),
-            "num_steps": jnp.sum(counts > 0).astype(jnp.float32),
+            "num_steps": result.metrics["num_steps"],
         }
-        return ClientOutput(optax.tree.sub(w0, w), client.weight, metrics, ())
+        return ClientOutput(kit.client_delta(w0, result.params), client.weight, metrics, ())
 
-    def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
-        del key
-        updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return state._replace(params=params, opt_state=opt_state)
+    server_update = kit.server_step(server_optimizer)
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name)

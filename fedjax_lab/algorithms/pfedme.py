@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from fedjax_lab import server as server_lib
+from fedjax_lab import aggregators as aggregators_lib
+from fedjax_lab import kit
 from fedjax_lab._types import (
     ClientInput,
     ClientOutput,
@@ -17,11 +17,7 @@ from fedjax_lab._types import (
     PyTree,
     ServerState,
 )
-from fedjax_lab.aggregators import weighted_mean
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedau import check_num_clients, require_client_state
-from fedjax_lab.algorithms.fedavg import _client_optimizer
-from fedjax_lab.personalization import stack_clients
 
 __all__ = ["personal_params", "pfedme"]
 
@@ -35,11 +31,12 @@ def personal_params(state: ServerState) -> PyTree:
 def pfedme(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
+    *,
     lam: float = 15.0,
     inner_steps: int = 5,
     personal_learning_rate: float = 0.09,
-    beta: float = 1.0,
-    *,
+    server_optimizer: optax.GradientTransformation | None = None,
+    server_learning_rate: float = 1.0,
     unroll: int | bool = 1,
     name: str = "pfedme",
 ) -> FederatedAlgorithm:
@@ -68,7 +65,10 @@ def pfedme(
       lam: ``λ > 0`` (paper: 15).
       inner_steps: ``K >= 1`` inner steps (paper: 5).
       personal_learning_rate: inner step size (paper: 0.09).
-      beta: server mixing ``β`` (paper: 1 or 2).
+      server_optimizer: the server optimiser on the mean delta (default
+        ``fl.server.fed_sgd(server_learning_rate)``).
+      server_learning_rate: the paper's server mixing ``β`` (paper: 1 or 2):
+        ``w <- (1 - β) w + β Σ p_i w_i``.
       unroll: ``lax.scan`` unroll of the local steps.
       name: a label for logs and tables.
 
@@ -86,19 +86,16 @@ def pfedme(
       >>> alg.init(jnp.zeros(3), num_clients=4).client_states.shape
       (4, 3)
     """
-    if not lam > 0:
-        raise ValueError(f"lam: λ must be > 0 (paper: 15), got {lam!r}.")
-    if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 1:
-        raise ValueError(f"inner_steps: K must be a whole number >= 1, got {inner_steps!r}.")
-    if not personal_learning_rate > 0:
-        raise ValueError(
-            f"personal_learning_rate: must be > 0 (paper: 0.09), got {personal_learning_rate!r}."
-        )
+    kit.check_loss_fn(loss_fn)
+    kit.check_positive("lam", lam, hint=" (λ; the paper uses 15)")
+    kit.check_count("inner_steps", inner_steps)
+    kit.check_positive("personal_learning_rate", personal_learning_rate,
+                       hint=" (the paper uses 0.09)")
     client_optimizer = (
-        optax.sgd(0.005) if client_optimizer is None else _client_optimizer(client_optimizer)
+        optax.sgd(0.005) if client_optimizer is None else kit.client_optimizer(client_optimizer)
     )
-    server_optimizer = server_lib.fed_sgd(beta)
-    aggregator = weighted_mean()
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
+    aggregator = aggregators_lib.weighted_mean()
 
     def inner(w, batch, key):
         def objective(theta):
@@ -112,60 +109,28 @@ def pfedme(
         return jax.lax.scan(body, w, None, length=inner_steps)[0]
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
-        n = check_num_clients(num_clients)
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            round=jnp.zeros((), jnp.int32),
-            aggregator_state=aggregator.init(params),
-            client_states=() if n is None else stack_clients(params, n),
-        )
+        n = kit.check_num_clients(num_clients)
+        personal = () if n is None else kit.copies_per_client(params, n)
+        return kit.server_state(params, server_optimizer, aggregator, client_states=personal)
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
-        require_client_state(client.state, name)
-        batches = client.batches
-        num_steps = batches["mask"].shape[0]
+        kit.require_client_state(client.state, name)
 
-        def step(carry, xs):
-            w, opt_state, theta = carry
-            batch, k = xs
-            count = jnp.sum(batch["mask"])
-
-            def apply(args):
-                w, opt_state, theta = args
-                loss = loss_fn(w, batch, k)
-                theta = inner(w, batch, k)
-                grad = optax.tree.scale(lam, optax.tree.sub(w, theta))
-                updates, opt_state = client_optimizer.update(grad, opt_state, w)
-                return optax.apply_updates(w, updates), opt_state, theta, loss
-
-            def skip(args):
-                w, opt_state, theta = args
-                return w, opt_state, theta, 0.0 * count
-
-            w, opt_state, theta, loss = jax.lax.cond(
-                count > 0, apply, skip, (w, opt_state, theta)
-            )
-            return (w, opt_state, theta), (loss.astype(jnp.float32) * count, count)
+        def step(w, carry, batch, k):  # carry: (outer optimiser state, θ_i)
+            opt_state, _ = carry
+            loss = loss_fn(w, batch, k)
+            theta = inner(w, batch, k)
+            grad = optax.tree.scale(lam, optax.tree.sub(w, theta))
+            updates, opt_state = client_optimizer.update(grad, opt_state, w)
+            return optax.apply_updates(w, updates), (opt_state, theta), loss, ()
 
         w0 = state.params
-        (w, _, theta), (loss_sums, counts) = jax.lax.scan(
-            step,
-            (w0, client_optimizer.init(w0), client.state),
-            (batches, jax.random.split(key, num_steps)),
-            unroll=unroll,
-        )
-        metrics = {
-            "loss_sum": jnp.sum(loss_sums),
-            "num_examples": jnp.sum(counts),
-            "num_steps": jnp.sum(counts > 0).astype(jnp.float32),
-        }
-        return ClientOutput(optax.tree.sub(w0, w), client.weight, metrics, theta)
+        result = kit.local_loop(step, w0, (client_optimizer.init(w0), client.state),
+                                client.batches, key, unroll=unroll)
+        theta = result.opt_state[1]
+        return ClientOutput(kit.client_delta(w0, result.params), client.weight, result.metrics,
+                            theta)
 
-    def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
-        del key
-        updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return state._replace(params=params, opt_state=opt_state)
+    server_update = kit.server_step(server_optimizer)
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name)

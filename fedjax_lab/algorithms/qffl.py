@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lab import kit
 from fedjax_lab._types import (
     Aggregator,
     ClientInput,
@@ -24,8 +25,6 @@ from fedjax_lab._types import (
     ServerState,
 )
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedavg import DEFAULT_CLIENT_LEARNING_RATE, _client_optimizer
-from fedjax_lab.client import local_training
 
 __all__ = ["q_fedavg", "qffl_aggregator", "qffl_terms"]
 
@@ -60,32 +59,28 @@ def qffl_terms(
 def qffl_aggregator() -> Aggregator:
     """``Σ_k Δ_k / Σ_k h_k`` over the clients of positive weight; total weight ``Σ h_k``."""
 
-    def init(params: PyTree) -> tuple:
-        del params
-        return ()
-
-    def prepare(update, weight, state):
-        del state
+    def prepare(update, weight):
         on = (jnp.asarray(weight) > 0).astype(jnp.float32)
         d, h = update
         return optax.tree.scale(on, d), on * h
 
-    def finalize(contribution, state, key):
-        del key
+    def finalize(contribution):
         d_sum, h_sum = contribution
         safe = jnp.where(h_sum > 0, h_sum, 1.0)
-        return optax.tree.scale(1.0 / safe, d_sum), h_sum, state
+        return optax.tree.scale(1.0 / safe, d_sum), h_sum
 
-    return Aggregator(init, prepare, finalize, reduce="sum")
+    return kit.stateless_aggregator(prepare, finalize, reduce="sum")
 
 
 @register("qffl")
 def q_fedavg(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
+    *,
     q: float = 1.0,
     lipschitz: float | None = None,
-    *,
+    server_optimizer: optax.GradientTransformation | None = None,
+    server_learning_rate: float = 1.0,
     unroll: int | bool = 1,
     name: str = "qffl",
 ) -> FederatedAlgorithm:
@@ -96,7 +91,8 @@ def q_fedavg(
     * client ``k``: ``F_k(w_t)``, its mean loss over the round's batches at the server model;
       local training from ``w_t`` gives ``w̄_k``; ``ΔW_k = L (w_t - w̄_k)``;
       sends ``Δ_k = F_k^q ΔW_k`` and ``h_k = q F_k^{q-1} ||ΔW_k||² + L F_k^q``;
-    * server: ``w_{t+1} = w_t - Σ_{k∈S} Δ_k / Σ_{k∈S} h_k``.
+    * server: ``w_{t+1} = w_t - Σ_{k∈S} Δ_k / Σ_{k∈S} h_k`` (the pseudo-gradient
+      ``Σ Δ_k / Σ h_k`` fed to ``server_optimizer``, by default ``fed_sgd(1.0)``: this step).
 
     ``q = 0`` gives ``w_{t+1} = mean_k w̄_k``: FedAvg with uniform weights. Clients count
     uniformly (the paper samples clients in proportion to their size instead:
@@ -108,6 +104,9 @@ def q_fedavg(
       q: fairness parameter ``q >= 0`` (the paper uses values in {0.001, ..., 15}).
       lipschitz: ``L``; the paper sets ``L = 1 / lr`` (the client learning rate). Default: 10,
         which matches only the default ``sgd(0.1)``; pass it with any other client optimiser.
+      server_optimizer: the server optimiser on ``Σ Δ_k / Σ h_k`` (default
+        ``fl.server.fed_sgd(server_learning_rate)``).
+      server_learning_rate: the FedSGD rate (1.0: the paper's step).
       unroll: ``lax.scan`` unroll of the local steps.
       name: a label for logs and tables.
 
@@ -125,30 +124,25 @@ def q_fedavg(
       >>> alg.name
       'qffl'
     """
-    if not q >= 0:
-        raise ValueError(f"q: the fairness parameter must be >= 0, got {q!r}.")
+    kit.check_loss_fn(loss_fn)
+    kit.check_positive("q", q, allow_zero=True, hint=" (the fairness parameter)")
     if lipschitz is None:
         if client_optimizer is not None:
             raise ValueError(
                 "lipschitz: q-FedAvg needs L = 1 / (client learning rate); pass lipschitz= "
                 "with a custom client_optimizer (e.g. lipschitz=10.0 for optax.sgd(0.1))."
             )
-        lipschitz = 1.0 / DEFAULT_CLIENT_LEARNING_RATE
-    if not lipschitz > 0:
-        raise ValueError(f"lipschitz: L must be > 0, got {lipschitz!r}.")
+        lipschitz = 1.0 / kit.DEFAULT_CLIENT_LEARNING_RATE
+    kit.check_positive("lipschitz", lipschitz, hint=" (L = 1 / client learning rate)")
     lipschitz = float(lipschitz)
-    client_optimizer = _client_optimizer(client_optimizer)
+    client_optimizer = kit.client_optimizer(client_optimizer)
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
     aggregator = qffl_aggregator()
-    train = local_training(loss_fn, client_optimizer, unroll=unroll)
+    train = kit.local_training(loss_fn, client_optimizer, unroll=unroll)
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
         del num_clients
-        return ServerState(
-            params=params,
-            opt_state=(),
-            round=jnp.zeros((), jnp.int32),
-            aggregator_state=aggregator.init(params),
-        )
+        return kit.server_state(params, server_optimizer, aggregator)
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
         w = state.params
@@ -169,8 +163,7 @@ def q_fedavg(
         metrics = dict(result.metrics, start_loss_sum=f)
         return ClientOutput((d, h), client.weight, metrics, ())
 
-    def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
-        del key
-        return state._replace(params=optax.tree.sub(state.params, aggregate))
+    server_update = kit.server_step(server_optimizer)
 
-    return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
+    return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
+                              update_is_delta=False)

@@ -1,4 +1,4 @@
-"""On-device cohort sampling and batch-index building for the flat layout (DESIGN §4).
+"""On-device cohort sampling and batch-index building for the flat layout.
 
 Everything here is a pure, jittable function of a PRNG key, so a round's cohort and batches are
 built inside the compiled round with no host round-trip.

@@ -181,8 +181,8 @@ def cnn(
 
     ``conv="auto"`` (the default) is ``"canonical_vjp"`` on CPU and ``"lax"`` on GPU/TPU
     (:func:`fedjax_lab.models.resolve_conv`). Measured with
-    ``experiments/benchmarks/conv_formulations.py`` on the 2-core XLA:CPU machine of
-    DESIGN.md §5 (jax 0.10.2; EMNIST CNN, batch 20, 10 local SGD steps, 8 clients;
+    ``experiments/benchmarks/conv_formulations.py`` on a 2-core XLA:CPU machine
+    (jax 0.10.2; EMNIST CNN, batch 20, 10 local SGD steps, 8 clients;
     examples/s, one shared, noisy machine)::
 
       formulation    python loop  scan+lax.map  unrolled+lax.map  scan+vmap

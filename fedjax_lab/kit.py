@@ -1,0 +1,520 @@
+"""The kit for writing federated algorithms: the parts every algorithm in ``fl.algorithms`` uses.
+
+An algorithm is a :class:`~fedjax_lab.FederatedAlgorithm`, a bundle of four pure functions
+(``init``, ``client_update``, ``aggregator``, ``server_update``), and most of each one is shared
+with its neighbours. This module holds those shared parts, in the optax manner (a new method is a
+composition of existing pieces, as ``optax.adam`` is a ``chain``):
+
+=================================  ==============================================================
+client side                        :func:`local_training` (the masked local loop with hooks for a
+                                   regulariser and a gradient correction), :func:`local_loop`,
+                                   :func:`proximal`, :func:`dynamic_regularizer`,
+                                   :func:`client_optimizer`, :func:`client_delta`
+server side                        :func:`server_state`, :func:`server_optimizer`,
+                                   :func:`apply_server_optimizer`, :func:`server_step`
+per-client state                   :func:`zeros_per_client`, :func:`copies_per_client`,
+                                   :func:`population_size`, :func:`require_client_state`,
+                                   :func:`gather_clients`, :func:`scatter_clients`
+aggregators                        :func:`stateless_aggregator`; ready-made ones in
+                                   :mod:`fedjax_lab.aggregators` (``weighted_mean``,
+                                   ``mean_and_sum``, ``weighted_sum``)
+argument checks                    :func:`check_loss_fn`, :func:`check_count`,
+                                   :func:`check_positive`, :func:`check_in_range`,
+                                   :func:`check_num_clients`
+=================================  ==============================================================
+
+Every check raises before anything compiles, naming the argument and what it accepts; a traced
+value (a swept hyper-parameter) is not checked.
+
+Example (FedAvg from the kit; ``fl.algorithms.fed_avg`` is the same thing):
+
+  >>> import jax, jax.numpy as jnp, optax, fedjax_lab as fl
+  >>> from fedjax_lab import kit
+  >>> def my_fed_avg(loss_fn, client_optimizer=None, *, server_learning_rate=1.0):
+  ...     train = kit.local_training(loss_fn, kit.client_optimizer(client_optimizer))
+  ...     server_opt = kit.server_optimizer(None, server_learning_rate)
+  ...     aggregator = fl.aggregators.weighted_mean()
+  ...     def init(params, num_clients=None):
+  ...         return kit.server_state(params, server_opt, aggregator)
+  ...     def client_update(state, client, key):
+  ...         result = train(state.params, client.batches, key)
+  ...         return fl.ClientOutput(kit.client_delta(state.params, result.params),
+  ...                                client.weight, result.metrics)
+  ...     return fl.FederatedAlgorithm(init, client_update, aggregator,
+  ...                                  kit.server_step(server_opt), "my_fedavg")
+  >>> loss = lambda p, b, k: jnp.sum(b["mask"] * (b["x"] @ p - b["y"]) ** 2) / b["mask"].sum()
+  >>> alg = my_fed_avg(loss, optax.sgd(0.1))
+  >>> cohort = fl.Cohort({"x": jnp.ones((3, 1, 4, 2)), "y": jnp.ones((3, 1, 4)),
+  ...                     "mask": jnp.ones((3, 1, 4))}, jnp.ones(3), jnp.arange(3))
+  >>> state, _ = fl.run_round(alg, alg.init(jnp.zeros(2)), cohort, jax.random.key(0))
+  >>> [round(v, 4) for v in state.params.tolist()]
+  [0.2, 0.2]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_lab import server as server_lib
+from fedjax_lab._types import (
+    Aggregator,
+    Params,
+    PRNGKey,
+    PyTree,
+    ServerState,
+)
+from fedjax_lab.client import (
+    Correction,
+    LocalResult,
+    Regularizer,
+    StepFn,
+    dynamic_regularizer,
+    local_loop,
+    local_training,
+    proximal,
+)
+
+__all__ = [
+    "DEFAULT_CLIENT_LEARNING_RATE",
+    "Correction",
+    "LocalResult",
+    "Regularizer",
+    "StepFn",
+    "apply_server_optimizer",
+    "check_count",
+    "check_in_range",
+    "check_loss_fn",
+    "check_num_clients",
+    "check_positive",
+    "client_delta",
+    "client_optimizer",
+    "copies_per_client",
+    "dynamic_regularizer",
+    "gather_clients",
+    "local_loop",
+    "local_training",
+    "population_size",
+    "proximal",
+    "require_client_state",
+    "scatter_clients",
+    "server_optimizer",
+    "server_state",
+    "server_step",
+    "stateless_aggregator",
+    "zeros_per_client",
+]
+
+DEFAULT_CLIENT_LEARNING_RATE = 0.1
+"""The learning rate of the default client optimiser ``optax.sgd(0.1)``."""
+
+
+# ------------------------------------------------------------------------------ argument checks
+
+
+def _concrete(value: Any) -> float | None:
+    """``value`` as a Python float when it is a concrete real number, else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+        try:
+            return float(value)
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            return None  # a traced value (a swept hyper-parameter): not checked
+    return None
+
+
+def check_loss_fn(loss_fn: Any) -> None:
+    """``loss_fn`` must be a callable ``loss_fn(params, batch, key) -> scalar``.
+
+    Example:
+      >>> try:
+      ...     check_loss_fn(3)
+      ... except TypeError as e:
+      ...     print(e)
+      loss_fn: expected a callable loss_fn(params, batch, key), got 3.
+    """
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn: expected a callable loss_fn(params, batch, key), got {loss_fn!r}."
+        )
+
+
+def check_count(name: str, value: Any, minimum: int = 1, *, optional: bool = False) -> int | None:
+    """``value`` as a whole number ``>= minimum``; bools are not counts. Returns it as an int.
+
+    Args:
+      name: the argument's name (for the message).
+      value: the value given.
+      minimum: the smallest allowed count.
+      optional: ``None`` is allowed (and returned).
+
+    Example:
+      >>> check_count("inner_steps", 5)
+      5
+      >>> try:
+      ...     check_count("cohort_size", True)
+      ... except ValueError as e:
+      ...     print(e)
+      cohort_size: need a whole number >= 1, got True.
+    """
+    if value is None and optional:
+        return None
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not ok or value < minimum:
+        more = " or None" if optional else ""
+        raise ValueError(f"{name}: need a whole number >= {minimum}{more}, got {value!r}.")
+    return int(value)
+
+
+def check_positive(name: str, value: Any, *, allow_zero: bool = False, hint: str = "") -> None:
+    """A concrete ``value`` must be a finite number ``> 0`` (``>= 0`` with ``allow_zero``).
+
+    Traced values (sweeps) and optax schedules (callables) pass unchecked.
+
+    Example:
+      >>> try:
+      ...     check_positive("server_learning_rate", -1.0)
+      ... except ValueError as e:
+      ...     print(e)
+      server_learning_rate: must be a finite number > 0, got -1.0.
+    """
+    if callable(value):
+        return
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected a number, got {value!r}.")
+    v = _concrete(value)
+    if v is None:
+        if isinstance(value, (str, list, tuple, dict)) or value is None:
+            raise ValueError(f"{name}: expected a number, got {value!r}.")
+        return
+    bound = ">= 0" if allow_zero else "> 0"
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name}: must be a finite number {bound}, got {value!r}.{hint}")
+
+
+def check_in_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+) -> None:
+    """A concrete ``value`` must lie in the interval from ``low`` to ``high``.
+
+    ``low_open`` / ``high_open`` exclude the end points. Traced values pass unchecked.
+
+    Example:
+      >>> try:
+      ...     check_in_range("momentum", 1.0, 0.0, 1.0, high_open=True)
+      ... except ValueError as e:
+      ...     print(e)
+      momentum: must lie in [0.0, 1.0), got 1.0.
+    """
+    if isinstance(value, bool) or isinstance(value, (str, list, tuple, dict)) or value is None:
+        raise ValueError(f"{name}: expected a number, got {value!r}.")
+    v = _concrete(value)
+    if v is None:
+        return
+    below = v <= low if low_open else v < low
+    above = v >= high if high_open else v > high
+    if not math.isfinite(v) or below or above:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name}: must lie in {interval}, got {value!r}.{hint}")
+
+
+def check_num_clients(num_clients: Any) -> int | None:
+    """``num_clients`` of ``alg.init`` as an int ``>= 1``; ``None`` stays ``None``.
+
+    ``None`` is what shape-only inits pass (``jax.eval_shape(alg.init, params)``).
+
+    Example:
+      >>> check_num_clients(100), check_num_clients(None)
+      (100, None)
+    """
+    return check_count("num_clients", num_clients, 1, optional=True)
+
+
+def _check_optimizer(name: str, opt: Any, example: str) -> None:
+    if not isinstance(opt, optax.GradientTransformation):
+        raise TypeError(
+            f"{name}: expected an optax.GradientTransformation such as {example}, "
+            f"got {type(opt).__name__}."
+        )
+
+
+# --------------------------------------------------------------------------------- client side
+
+
+def client_optimizer(
+    optimizer: optax.GradientTransformation | None,
+    learning_rate: float | None = None,
+) -> optax.GradientTransformation:
+    """The client optimiser: ``optimizer``, or plain SGD at ``learning_rate`` (default 0.1).
+
+    Give at most one of the two.
+
+    Example:
+      >>> import optax
+      >>> isinstance(client_optimizer(None, 0.05), optax.GradientTransformation)
+      True
+    """
+    if optimizer is not None and learning_rate is not None:
+        raise ValueError(
+            "client_learning_rate: give either client_optimizer or client_learning_rate "
+            "(plain SGD with that rate), not both."
+        )
+    if learning_rate is not None:
+        check_positive("client_learning_rate", learning_rate)
+        return optax.sgd(learning_rate)
+    if optimizer is None:
+        return optax.sgd(DEFAULT_CLIENT_LEARNING_RATE)
+    _check_optimizer("client_optimizer", optimizer, "optax.sgd(0.1)")
+    return optimizer
+
+
+def client_delta(server_params: Params, client_params: Params) -> Params:
+    """The model delta a client sends: ``server_params - client_params`` (a pseudo-gradient).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> client_delta(jnp.array([1.0, 1.0]), jnp.array([0.5, 2.0])).tolist()
+      [0.5, -1.0]
+    """
+    return optax.tree.sub(server_params, client_params)
+
+
+# --------------------------------------------------------------------------------- server side
+
+
+def server_optimizer(
+    optimizer: optax.GradientTransformation | None,
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+) -> optax.GradientTransformation:
+    """The server optimiser: ``optimizer``, or FedSGD ``x <- x - learning_rate * g`` by default.
+
+    ``fl.server.fed_sgd(1.0)`` is plain averaging: ``x <- x - Σ p_i (x - x_i) = Σ p_i x_i``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> opt = server_optimizer(None, 0.5)
+      >>> u, _ = opt.update(jnp.array([2.0]), opt.init(jnp.zeros(1)))
+      >>> u.tolist()
+      [-1.0]
+    """
+    if optimizer is None:
+        return server_lib.fed_sgd(learning_rate)
+    _check_optimizer("server_optimizer", optimizer, "fl.server.fed_adam(1e-2)")
+    return optimizer
+
+
+def server_state(
+    params: Params,
+    server_optimizer: optax.GradientTransformation | None,
+    aggregator: Aggregator,
+    *,
+    client_states: PyTree = (),
+    extra: PyTree = (),
+) -> ServerState:
+    """The state of round 0: ``params``, the optimiser's and aggregator's initial states.
+
+    Args:
+      params: the initial global model.
+      server_optimizer: the server optimiser (``None``: no optimiser state, ``opt_state=()``).
+      aggregator: the algorithm's aggregator (its ``init(params)`` is the aggregator state).
+      client_states: per-client state ``[num_clients, ...]`` (see :func:`zeros_per_client`).
+      extra: algorithm-specific server state.
+
+    Example:
+      >>> import jax.numpy as jnp, fedjax_lab as fl
+      >>> s = server_state(jnp.zeros(2), fl.server.fed_sgd(1.0), fl.aggregators.weighted_mean())
+      >>> int(s.round), s.client_states
+      (0, ())
+    """
+    return ServerState(
+        params=params,
+        opt_state=() if server_optimizer is None else server_optimizer.init(params),
+        round=jnp.zeros((), jnp.int32),
+        aggregator_state=aggregator.init(params),
+        client_states=client_states,
+        extra=extra,
+    )
+
+
+def apply_server_optimizer(
+    state: ServerState, server_optimizer: optax.GradientTransformation, pseudo_gradient: PyTree
+) -> ServerState:
+    """``state`` with ``params`` and ``opt_state`` moved by one server-optimiser step.
+
+    ``updates, opt_state = server_optimizer.update(g, state.opt_state, state.params)``;
+    ``params <- optax.apply_updates(params, updates)``.
+
+    Example:
+      >>> import jax.numpy as jnp, fedjax_lab as fl
+      >>> opt = fl.server.fed_sgd(1.0)
+      >>> s = server_state(jnp.ones(2), opt, fl.aggregators.weighted_mean())
+      >>> apply_server_optimizer(s, opt, jnp.array([0.5, -1.0])).params.tolist()
+      [0.5, 2.0]
+    """
+    updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state, state.params)
+    return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
+
+def server_step(
+    server_optimizer: optax.GradientTransformation,
+) -> Callable[[ServerState, PyTree, PRNGKey], ServerState]:
+    """The FedOpt ``server_update``: the aggregate is the pseudo-gradient of ``server_optimizer``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, fedjax_lab as fl
+      >>> opt = fl.server.fed_sgd(1.0)
+      >>> s = server_state(jnp.ones(1), opt, fl.aggregators.weighted_mean())
+      >>> server_step(opt)(s, jnp.array([0.25]), jax.random.key(0)).params.tolist()
+      [0.75]
+    """
+
+    def server_update(state: ServerState, aggregate: PyTree, key: PRNGKey) -> ServerState:
+        del key
+        return apply_server_optimizer(state, server_optimizer, aggregate)
+
+    return server_update
+
+
+# ---------------------------------------------------------------------------- per-client state
+
+
+def zeros_per_client(template: PyTree, num_clients: int) -> PyTree:
+    """Zeros shaped like ``template`` for every client: leaves ``[num_clients, ...]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> zeros_per_client({"w": jnp.ones(3)}, 4)["w"].shape
+      (4, 3)
+    """
+    return jax.tree.map(
+        lambda a: jnp.zeros((num_clients,) + jnp.shape(a), jnp.result_type(a)), template
+    )
+
+
+def copies_per_client(template: PyTree, num_clients: int) -> PyTree:
+    """``template`` repeated for every client: leaves ``[num_clients, ...]`` (personal models).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> copies_per_client({"w": jnp.ones(2)}, 3)["w"].shape
+      (3, 2)
+    """
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients,) + jnp.shape(a)), template)
+
+
+def population_size(client_states: PyTree) -> int:
+    """``N``: the leading axis of the stacked per-client state (static at trace time).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> population_size({"c": jnp.zeros((7, 2))})
+      7
+    """
+    leaves = jax.tree.leaves(client_states)
+    if not leaves:
+        raise ValueError(
+            "client_states: this state holds no per-client state; build it with "
+            "alg.init(params, num_clients=train_data.num_clients)."
+        )
+    return int(leaves[0].shape[0])
+
+
+def require_client_state(client_state: PyTree, name: str) -> None:
+    """Trace-time check that the server state was built with ``num_clients``.
+
+    Example:
+      >>> try:
+      ...     require_client_state((), "scaffold")
+      ... except ValueError as e:
+      ...     print(e)  # doctest: +ELLIPSIS
+      num_clients: scaffold keeps per-client state; build the state with alg.init(...
+    """
+    if not jax.tree.leaves(client_state):
+        raise ValueError(
+            f"num_clients: {name} keeps per-client state; build the state with "
+            "alg.init(params, num_clients=train_data.num_clients)."
+        )
+
+
+def gather_clients(client_states: PyTree, client_ids: jax.Array) -> PyTree:
+    """The rows of ``client_ids`` from a stacked per-client state: leaves ``[C, ...]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> gather_clients({"c": jnp.arange(5.0)}, jnp.array([3, 1]))["c"].tolist()
+      [3.0, 1.0]
+    """
+    return jax.tree.map(lambda a: a[client_ids], client_states)
+
+
+def scatter_clients(client_states: PyTree, client_ids: jax.Array, rows: PyTree) -> PyTree:
+    """``client_states`` with the rows of ``client_ids`` replaced by ``rows`` (``[C, ...]``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = scatter_clients({"c": jnp.zeros(4)}, jnp.array([2]), {"c": jnp.array([9.0])})
+      >>> s["c"].tolist()
+      [0.0, 0.0, 9.0, 0.0]
+    """
+    return jax.tree.map(lambda a, r: a.at[client_ids].set(r), client_states, rows)
+
+
+# -------------------------------------------------------------------------------- aggregators
+
+
+def stateless_aggregator(
+    prepare: Callable[[PyTree, jax.Array], PyTree],
+    finalize: Callable[[PyTree], tuple[PyTree, jax.Array]],
+    *,
+    reduce: str = "sum",
+) -> Aggregator:
+    """An :class:`~fedjax_lab.Aggregator` that keeps no state and needs no key.
+
+    Args:
+      prepare: ``prepare(update, weight) -> contribution`` for one client (inside the map).
+      finalize: ``finalize(contributions) -> (aggregate, total_weight)``; the contributions
+        are summed over the cohort (``reduce="sum"``) or stacked ``[C, ...]``
+        (``reduce="stack"``). A ``total_weight`` of 0 skips the round.
+      reduce: ``"sum"`` or ``"stack"``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> plain_sum = stateless_aggregator(lambda u, w: (u, w), lambda c: c)
+      >>> parts = [plain_sum.prepare(jnp.array(v), jnp.float32(1), ()) for v in (1.0, 2.0)]
+      >>> summed = jax.tree.map(jnp.add, *parts)
+      >>> [float(x) for x in plain_sum.finalize(summed, (), jax.random.key(0))[:2]]
+      [3.0, 2.0]
+    """
+    if reduce not in ("sum", "stack"):
+        raise ValueError(f"reduce: expected 'sum' or 'stack', got {reduce!r}.")
+
+    def init(params: PyTree) -> tuple:
+        del params
+        return ()
+
+    def prepare_fn(update: PyTree, weight: jax.Array, state: PyTree) -> PyTree:
+        del state
+        return prepare(update, weight)
+
+    def finalize_fn(contributions: PyTree, state: PyTree, key: PRNGKey):
+        del key
+        aggregate, total_weight = finalize(contributions)
+        return aggregate, total_weight, state
+
+    return Aggregator(init, prepare_fn, finalize_fn, reduce=reduce)
