@@ -220,11 +220,11 @@ def _traced_num_classes(model: Model, x: Any) -> int:
     if hit is not None and hit[0]() is model.apply:
         return hit[1]
 
-    def logits(k):
-        return model.apply(model.init(k), jnp.asarray(one))
+    def logits(x1):  # everything inside the trace: abstract values only, nothing runs
+        return model.apply(model.init(jax.random.key(0)), x1)
 
     try:
-        out = jax.eval_shape(logits, jax.random.key(0))
+        out = jax.eval_shape(logits, jax.ShapeDtypeStruct(one.shape, one.dtype))
     except Exception as e:  # the model's own error, re-raised with what was fed to it
         raise ValueError(
             f"examples['x']: the model cannot read one example of shape {one.shape[1:]} "
