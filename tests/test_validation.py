@@ -126,6 +126,11 @@ def test_flat_and_squeezed_x_pass_channels_first_fails():
         data = digits_like(GOOD_Y, np.zeros((8, *shape), np.float32))
         assert fl.models.check_data(LOSS, data) is data
     check_fails(digits_like(GOOD_Y, np.zeros((8, 1, 8, 8), np.float32)), "shape (1, 8, 8)")
+    flat_model = fl.models.classification_loss(fl.models.mlp((64,), hidden=(4,)))
+    images = digits_like(GOOD_Y)
+    assert fl.models.check_data(flat_model, images) is images  # a flat model flattens
+    check_fails(digits_like(GOOD_Y, np.zeros((8, 9, 7), np.float32)), "shape (9, 7)",
+                fn=flat_model)
 
 
 def test_missing_y_lists_present_keys():

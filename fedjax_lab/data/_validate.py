@@ -160,9 +160,13 @@ def example_shape_matches(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
 
     The zoo's image models reshape their input, so besides ``want`` itself the flattened
     ``(prod(want),)`` is accepted, and trailing axes of size 1 do not matter (``(8, 8)`` for
-    ``(8, 8, 1)``). Any other layout with the same number of values (``(1, 8, 8)`` for
-    ``(8, 8, 1)``: channels first) is refused: it would be read in the wrong order.
+    ``(8, 8, 1)``). A model built for flat inputs ``(d,)`` flattens whatever it gets, so any
+    example of ``d`` values is accepted. Any other layout with the same number of values
+    (``(1, 8, 8)`` for ``(8, 8, 1)``: channels first) is refused: it would be read in the
+    wrong order.
     """
+    if len(want) == 1 and math.prod(got) == want[0]:
+        return True
 
     def strip(s: tuple[int, ...]) -> tuple[int, ...]:
         while s and s[-1] == 1:
