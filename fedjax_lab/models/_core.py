@@ -292,7 +292,8 @@ def check_data(
     ``model_or_fn`` may be a :class:`Model`, or a function returned by
     :func:`classification_loss` / :func:`classification_metrics` (they carry a
     ``.check_data(data)`` attribute that knows their model and ``pad_id``). A function without
-    that attribute (a hand-written loss) declares nothing to check: ``data`` is returned as is.
+    that attribute (a hand-written loss), or any object whose ``check_data`` is ``None``,
+    declares nothing to check: ``data`` is returned as is.
     For a model without a :class:`ModelSpec` the number of classes is read off one
     ``jax.eval_shape`` trace of ``apply`` (no compile).
 
@@ -328,8 +329,8 @@ def check_data(
     if isinstance(model_or_fn, Model):
         return _check_model_data(model_or_fn, data, pad_id=pad_id, needed_by="the model")
     hook = getattr(model_or_fn, "check_data", None)
-    if hook is None:
-        if not callable(model_or_fn):
+    if hook is None:  # a plain function, or an object whose check_data slot is empty
+        if not (callable(model_or_fn) or hasattr(model_or_fn, "check_data")):
             raise TypeError(
                 f"model_or_fn: expected a fl.models.Model or a loss/metrics function, got "
                 f"{type(model_or_fn).__name__}."
