@@ -683,11 +683,34 @@ def client_map_from(training: dict[str, Any]) -> ClientMap:
     return getattr(maps_lib, name)()
 
 
+def _check_inferred_classes(train: FederatedData, test: FederatedData, num_classes: int) -> None:
+    """Refuses an inferred ``num_classes`` that most classes never reach (a stray label)."""
+    y = np.concatenate([np.asarray(train.examples["y"]).ravel(),
+                        np.asarray(test.examples["y"]).ravel()])
+    present = np.unique(y)
+    if num_classes >= 4 and present.size * 2 < num_classes:
+        top = int(present[-1])
+        in_train = bool(np.any(np.asarray(train.examples["y"]) == top))
+        holder, split = (train, "train") if in_train else (test, "test")
+        row = int(np.argmax(np.asarray(holder.examples["y"]).ravel() == top))
+        client = int(np.searchsorted(holder.offsets, row, side="right") - 1)
+        raise ConfigError(
+            f"model.num_classes: not set, so inferred as the largest label + 1 = {num_classes}, "
+            f"but only {present.size} distinct labels occur (the largest, {top}, is held by "
+            f"client {client} of the {split} split); fix that label, or set model.num_classes "
+            "explicitly if the classes really are that sparse."
+        )
+
+
 def build(config: dict[str, Any]) -> Experiment:
     """Loads the data and builds the model, loss, metrics, algorithms and client map.
 
-    Hyper-parameters are checked here too (each factory validates its own), still before
-    anything compiles.
+    Hyper-parameters are checked here too (each factory validates its own), and both data
+    splits against the model (:func:`fedjax_lab.models.check_data`: the keys the loss reads,
+    the example shape, labels integers in ``[0, num_classes)``), still before anything
+    compiles. When ``model.num_classes`` is not set it is inferred as the largest label + 1,
+    and refused when fewer than half of those classes occur (one stray label such as 99 would
+    otherwise silently widen the model).
     """
     cfg = validate(config)
     train, test = _load_data(cfg["data"])
@@ -695,17 +718,31 @@ def build(config: dict[str, Any]) -> Experiment:
     name = cfg["model"]["name"]
     pad_id = None
     text = _text_task(cfg["data"])
+    for split, d in (("train", train), ("test", test)):
+        try:
+            d.check_keys(["x", "y"], needed_by=f"the model ({split} split)")
+        except ValueError as e:
+            raise ConfigError(f"data ({split}): {e}") from e
+    inferred = False
     if text is not None:
         vocab_size, pad_id = text
         model_cfg.setdefault("vocab_size", vocab_size)
     else:
         input_shape = tuple(train.examples["x"].shape[1:])
-        num_classes = int(max(train.examples["y"].max(), test.examples["y"].max())) + 1
-        model_cfg.setdefault("num_classes", num_classes)
+        num_classes = int(max(np.max(train.examples["y"]), np.max(test.examples["y"]))) + 1
+        inferred = "num_classes" not in model_cfg
+        model_cfg.setdefault("num_classes", max(num_classes, 1))
         model_cfg.setdefault("input_shape", input_shape)
     model = _MODELS[name](**model_cfg)
     loss_fn = models_lib.classification_loss(model, pad_id=pad_id)
     eval_fn = models_lib.classification_metrics(model, pad_id=pad_id)
+    for split, d in (("train", train), ("test", test)):
+        try:
+            loss_fn.check_data(d)
+        except ValueError as e:
+            raise ConfigError(f"data ({split}): {e}") from e
+    if inferred:
+        _check_inferred_classes(train, test, model_cfg["num_classes"])
     algorithms = {}
     for spec in cfg["algorithms"]:
         try:

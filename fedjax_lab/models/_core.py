@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_lab._types import Batch, LossFn, Params, PRNGKey
+from fedjax_lab.data._federated import FederatedData
+
+
+class ModelSpec(NamedTuple):
+    """What a model was built for, so data can be checked against it before anything compiles.
+
+    Attributes:
+      input_shape: shape of one example ``x`` (``None``: any, e.g. sequences of any length).
+      num_classes: number of output classes; labels must be integers in ``[0, num_classes)``.
+      input_vocab: for token-id inputs, the number of ids: ``x`` must hold integers in
+        ``[0, input_vocab)`` (an embedding would silently clamp the others). ``None`` for
+        real-valued inputs.
+      sequence: labels are per position, ``y`` shaped like ``x`` (``[N, T]``), rather than one
+        class per example (``y`` ``[N]``).
+    """
+
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    input_vocab: int | None = None
+    sequence: bool = False
 
 
 class Model(NamedTuple):
@@ -21,10 +44,14 @@ class Model(NamedTuple):
       apply: ``apply(params, x, *, key=None, train=False) -> logits`` for ONE batch ``x``
         (``[B, ...]``, no client axis: a client map adds that). ``key`` feeds stochastic layers
         (dropout) and is used only when ``train=True``.
+      spec: what the model expects of the data (:class:`ModelSpec`), set by the zoo's
+        factories and read by :func:`check_data`; ``None`` when unknown (then
+        :func:`check_data` finds the number of classes by tracing ``apply`` once).
     """
 
     init: Callable[[PRNGKey], Params]
     apply: Callable[..., jax.Array]
+    spec: ModelSpec | None = None
 
 
 def _mode_kwarg(fn: Callable) -> str | None:
@@ -47,7 +74,7 @@ def _mode_kwargs(name: str | None, train: bool) -> dict[str, bool]:
     return {}
 
 
-def from_flax(module: Any, example_input: Any) -> Model:
+def from_flax(module: Any, example_input: Any, *, spec: ModelSpec | None = None) -> Model:
     """Wraps a Flax Linen module as a :class:`Model`.
 
     ``init(key)`` runs ``module.init`` on ``example_input`` (a ``[B, ...]`` array; only its shape
@@ -61,6 +88,7 @@ def from_flax(module: Any, example_input: Any) -> Model:
     Args:
       module: a ``flax.linen.Module`` instance.
       example_input: an example batch ``[B, ...]`` for shape inference.
+      spec: what the model expects of the data, for :func:`check_data` (optional).
 
     Returns:
       A :class:`Model`.
@@ -101,7 +129,7 @@ def from_flax(module: Any, example_input: Any) -> Model:
         rngs = {"dropout": key} if key is not None else None
         return module.apply({"params": params}, x, rngs=rngs, **_mode_kwargs(mode, train))
 
-    return Model(init=init, apply=apply)
+    return Model(init=init, apply=apply, spec=spec)
 
 
 def from_nnx(module: Any) -> Model:
@@ -178,6 +206,139 @@ def from_nnx(module: Any) -> Model:
     return Model(init=init, apply=apply)
 
 
+# ------------------------------------------------------------------ data checks
+
+# (id(apply), example shape, dtype) -> (weak reference to apply, number of classes)
+_TRACED_CLASSES: dict[tuple, tuple[weakref.ref, int]] = {}
+
+
+def _traced_num_classes(model: Model, x: Any) -> int:
+    """The last logits axis of ``model`` on one example of ``x``: a trace, never a compile."""
+    one = np.asarray(x[:1])
+    key = (id(model.apply), one.shape, str(one.dtype))
+    hit = _TRACED_CLASSES.get(key)
+    if hit is not None and hit[0]() is model.apply:
+        return hit[1]
+
+    def logits(x1):  # everything inside the trace: abstract values only, nothing runs
+        return model.apply(model.init(jax.random.key(0)), x1)
+
+    try:
+        out = jax.eval_shape(logits, jax.ShapeDtypeStruct(one.shape, one.dtype))
+    except Exception as e:  # the model's own error, re-raised with what was fed to it
+        raise ValueError(
+            f"examples['x']: the model cannot read one example of shape {one.shape[1:]} "
+            f"(dtype {one.dtype}): {type(e).__name__}: {e}"
+        ) from e
+    n = int(out.shape[-1])
+    try:
+        ref = weakref.ref(model.apply, lambda _, key=key: _TRACED_CLASSES.pop(key, None))
+        _TRACED_CLASSES[key] = (ref, n)
+    except TypeError:  # pragma: no cover - apply is not weak-referenceable
+        pass
+    return n
+
+
+def _check_model_data(
+    model: Model, data: FederatedData, *, pad_id: int | None, needed_by: str
+) -> FederatedData:
+    data.check_keys(["x", "y"], needed_by=needed_by)
+    spec = model.spec if model.spec is not None else ModelSpec()
+    x, y = data.examples["x"], data.examples["y"]
+    if spec.input_shape is not None:
+        data.check_example_shape("x", spec.input_shape)
+    if spec.input_vocab is not None:
+        from fedjax_lab.data import _validate
+
+        _validate.check_int_values(
+            x, spec.input_vocab, name="examples['x']", what="token id", offsets=data.offsets,
+            client_names=data.client_names, bound_name="vocab_size",
+        )
+    if spec.sequence:
+        if np.shape(y) != np.shape(x):
+            raise ValueError(
+                f"examples['y']: the model predicts one label per input position, so y must "
+                f"have the shape of x {np.shape(x)}; got {np.shape(y)}."
+            )
+    elif np.ndim(y) != 1:
+        raise ValueError(
+            f"examples['y']: need one integer class per example (shape [num_examples]), got "
+            f"shape {np.shape(y)}"
+            + ("; pass y.argmax(-1) for one-hot labels." if np.ndim(y) == 2 else ".")
+        )
+    num_classes = spec.num_classes
+    if num_classes is None:
+        num_classes = _traced_num_classes(model, x)
+    data.check_labels(num_classes, "y", ignore=pad_id)
+    return data
+
+
+def check_data(
+    model_or_fn: Model | Callable[..., Any], data: FederatedData, *, pad_id: int | None = None
+) -> FederatedData:
+    """Checks ``data`` against a model, loss or metrics function, on the host, before compiling.
+
+    This is the one call to make before anything is compiled on ``data``. It raises
+    ``ValueError`` with the first problem found, naming the client, the value and the fix:
+
+    * a key the loss reads (``"x"``, ``"y"``) is missing (the message lists the keys present);
+    * one example of ``x`` does not have the shape the model was built for (the flattened
+      shape is accepted, see :meth:`FederatedData.check_example_shape`);
+    * token-id inputs (the LSTMs) outside ``[0, vocab_size)``;
+    * labels that are not integers in ``[0, num_classes)``: out of range, negative or
+      non-integral (:meth:`FederatedData.check_labels`; integral floats such as ``3.0`` and
+      bools are accepted, the loss casts them exactly). Labels equal to ``pad_id`` are allowed.
+
+    ``model_or_fn`` may be a :class:`Model`, or a function returned by
+    :func:`classification_loss` / :func:`classification_metrics` (they carry a
+    ``.check_data(data)`` attribute that knows their model and ``pad_id``). A function without
+    that attribute (a hand-written loss), or any object whose ``check_data`` is ``None``,
+    declares nothing to check: ``data`` is returned as is.
+    For a model without a :class:`ModelSpec` the number of classes is read off one
+    ``jax.eval_shape`` trace of ``apply`` (no compile).
+
+    Costs ``O(num_examples)`` once: label and token scans are cached per array object, so a
+    second call on the same data costs a lookup.
+
+    Args:
+      model_or_fn: a :class:`Model`, or a loss or metrics function built from one.
+      data: the dataset to check.
+      pad_id: for a :class:`Model`, the label value that marks padding (allowed anywhere).
+
+    Returns:
+      ``data`` itself, when it passes.
+
+    Example:
+      >>> import numpy as np
+      >>> import fedjax_lab as fl
+      >>> model = fl.models.mlp((8, 8, 1), hidden=(4,), num_classes=10)
+      >>> data = fl.FederatedData.from_client_arrays(
+      ...     [{"x": np.zeros((2, 64), "f4"), "y": np.array([0, 9])},
+      ...      {"x": np.zeros((1, 64), "f4"), "y": np.array([99])}])
+      >>> try:
+      ...     fl.models.check_data(fl.models.classification_loss(model), data)
+      ... except ValueError as e:
+      ...     print(e)  # doctest: +ELLIPSIS
+      examples['y']: client 1 holds the out-of-range label 99 (its example 0; 1 of 3 labels...
+    """
+    if not isinstance(data, FederatedData):
+        raise TypeError(
+            f"data: expected a fl.FederatedData, got {type(data).__name__}; build one with "
+            "FederatedData.from_client_arrays(...)."
+        )
+    if isinstance(model_or_fn, Model):
+        return _check_model_data(model_or_fn, data, pad_id=pad_id, needed_by="the model")
+    hook = getattr(model_or_fn, "check_data", None)
+    if hook is None:  # a plain function, or an object whose check_data slot is empty
+        if not (callable(model_or_fn) or hasattr(model_or_fn, "check_data")):
+            raise TypeError(
+                f"model_or_fn: expected a fl.models.Model or a loss/metrics function, got "
+                f"{type(model_or_fn).__name__}."
+            )
+        return data
+    return hook(data)
+
+
 # ------------------------------------------------------------------ losses and metrics
 
 
@@ -215,6 +376,8 @@ def classification_loss(model: Model, *, pad_id: int | None = None) -> LossFn:
 
     Returns:
       ``loss_fn(params, batch, key) -> f32[]``; ``batch`` holds ``"x"``, ``"y"``, ``"mask"``.
+      ``loss_fn.check_data(data)`` checks a :class:`~fedjax_lab.data.FederatedData` against
+      the model and ``pad_id`` on the host (see :func:`check_data`); call it before compiling.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -235,6 +398,9 @@ def classification_loss(model: Model, *, pad_id: int | None = None) -> LossFn:
         safe_total = jnp.where(total > 0, total, 1.0)
         return jnp.sum(jnp.where(w > 0, ce * w, 0.0)) / safe_total
 
+    loss_fn.check_data = functools.partial(
+        _check_model_data, model, pad_id=pad_id, needed_by="classification_loss"
+    )
     return loss_fn
 
 
@@ -254,6 +420,7 @@ def classification_metrics(
 
     Returns:
       ``eval_fn(params, batch) -> {"loss_sum", "num_correct", "num_examples"}`` (f32 scalars).
+      ``eval_fn.check_data(data)`` checks a dataset against the model (see :func:`check_data`).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -277,4 +444,7 @@ def classification_metrics(
             "num_examples": jnp.sum(w),
         }
 
+    eval_fn.check_data = functools.partial(
+        _check_model_data, model, pad_id=pad_id, needed_by="classification_metrics"
+    )
     return eval_fn

@@ -6,7 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_lab.models._core import Model, from_flax
+from fedjax_lab.models._core import Model, ModelSpec, from_flax
+from fedjax_lab.models.zoo import _check_positive
 
 __all__ = ["word_lstm"]
 
@@ -29,9 +30,7 @@ class _WordLSTM(nn.Module):
 
 
 def _positive(value: int, name: str) -> int:
-    if isinstance(value, bool) or int(value) != value or value <= 0:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}.")
-    return int(value)
+    return _check_positive(value, name)
 
 
 def word_lstm(
@@ -85,4 +84,6 @@ def word_lstm(
         num_layers=_positive(num_layers, "num_layers"),
         dense=None if dense is None else _positive(dense, "dense"),
     )
-    return from_flax(module, jnp.zeros((1, 2), jnp.int32))
+    v = module.vocab_size
+    spec = ModelSpec(num_classes=v, input_vocab=v, sequence=True)
+    return from_flax(module, jnp.zeros((1, 2), jnp.int32), spec=spec)

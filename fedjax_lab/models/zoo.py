@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_lab.models._conv import Padding, conv2d, resolve_conv
-from fedjax_lab.models._core import Model, from_flax
+from fedjax_lab.models._core import Model, ModelSpec, from_flax
 
 
 class Conv2D(nn.Module):
@@ -51,18 +52,45 @@ class Conv2D(nn.Module):
 
 
 def _check_shape(input_shape: Sequence[int], name: str = "input_shape") -> tuple[int, ...]:
-    shape = tuple(int(d) for d in input_shape)
-    if not shape or any(d <= 0 for d in shape):
+    try:
+        dims = tuple(input_shape)
+    except TypeError:
         raise ValueError(
-            f"{name}: expected a non-empty tuple of positive sizes, got {input_shape}."
+            f"{name}: expected a tuple of positive sizes such as (28, 28, 1), got "
+            f"{input_shape!r}."
+        ) from None
+    if not dims or any(_not_count(d) or d <= 0 for d in dims):
+        raise ValueError(
+            f"{name}: expected a non-empty tuple of positive integer sizes (no bools), got "
+            f"{input_shape!r}."
         )
-    return shape
+    return tuple(int(d) for d in dims)
+
+
+def _not_count(value) -> bool:
+    """``True`` for bools and anything that is not a whole number."""
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    try:
+        return int(value) != value
+    except (TypeError, ValueError):
+        return True
 
 
 def _check_positive(value: int, name: str) -> int:
-    if int(value) != value or value <= 0:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}.")
+    if _not_count(value) or value <= 0:
+        raise ValueError(
+            f"{name}: must be a positive integer (an int, not a bool), got {value!r}."
+        )
     return int(value)
+
+
+def _check_sizes(values: Sequence[int], name: str) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(
+            f"{name}: expected a sequence of positive integers such as (64, 64), got {values!r}."
+        )
+    return tuple(_check_positive(v, name) for v in values)
 
 
 class _MLP(nn.Module):
@@ -95,7 +123,8 @@ def logistic_regression(input_shape: Sequence[int], num_classes: int) -> Model:
     """
     shape = _check_shape(input_shape)
     num_classes = _check_positive(num_classes, "num_classes")
-    return from_flax(_MLP((), num_classes), jnp.zeros((1, *shape), jnp.float32))
+    spec = ModelSpec(input_shape=shape, num_classes=num_classes)
+    return from_flax(_MLP((), num_classes), jnp.zeros((1, *shape), jnp.float32), spec=spec)
 
 
 def mlp(
@@ -124,9 +153,10 @@ def mlp(
       (2, 3)
     """
     shape = _check_shape(input_shape)
-    hidden = tuple(_check_positive(h, "hidden") for h in hidden)
+    hidden = _check_sizes(hidden, "hidden")
     num_classes = _check_positive(num_classes, "num_classes")
-    return from_flax(_MLP(hidden, num_classes), jnp.zeros((1, *shape), jnp.float32))
+    spec = ModelSpec(input_shape=shape, num_classes=num_classes)
+    return from_flax(_MLP(hidden, num_classes), jnp.zeros((1, *shape), jnp.float32), spec=spec)
 
 
 class _CNN(nn.Module):
@@ -222,13 +252,14 @@ def cnn(
     module = _CNN(
         input_shape=shape,
         num_classes=_check_positive(num_classes, "num_classes"),
-        features=tuple(_check_positive(f, "features") for f in features),
+        features=_check_sizes(features, "features"),
         dense=_check_positive(dense, "dense"),
         dropout=_dropout_pair(dropout),
         padding=padding,
         conv=conv,
     )
-    return from_flax(module, jnp.zeros((1, *shape), jnp.float32))
+    spec = ModelSpec(input_shape=shape, num_classes=module.num_classes)
+    return from_flax(module, jnp.zeros((1, *shape), jnp.float32), spec=spec)
 
 
 class _CharLSTM(nn.Module):
@@ -281,7 +312,9 @@ def char_lstm(
         hidden=_check_positive(hidden, "hidden"),
         num_layers=_check_positive(num_layers, "num_layers"),
     )
-    return from_flax(module, jnp.zeros((1, 2), jnp.int32))
+    v = module.vocab_size
+    spec = ModelSpec(num_classes=v, input_vocab=v, sequence=True)
+    return from_flax(module, jnp.zeros((1, 2), jnp.int32), spec=spec)
 
 
 class _ResBlock(nn.Module):
@@ -369,7 +402,7 @@ def resnet(
     shape = _check_shape(input_shape)
     if len(shape) != 3:
         raise ValueError(f"input_shape: expected (H, W, C), got {input_shape}.")
-    stages = tuple(_check_positive(s, "stage_sizes") for s in stage_sizes)
+    stages = _check_sizes(stage_sizes, "stage_sizes")
     if not stages:
         raise ValueError("stage_sizes: need at least one stage, got an empty sequence.")
     width = _check_positive(width, "width")
@@ -384,7 +417,8 @@ def resnet(
     resolve_conv(conv, backend="cpu")
     num_classes = _check_positive(num_classes, "num_classes")
     module = _ResNet(shape, num_classes, stages, width, groups, conv)
-    return from_flax(module, jnp.zeros((1, *shape), jnp.float32))
+    spec = ModelSpec(input_shape=shape, num_classes=num_classes)
+    return from_flax(module, jnp.zeros((1, *shape), jnp.float32), spec=spec)
 
 
 def num_params(params) -> int:
