@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import os
 import sys
 from typing import Any, NamedTuple
@@ -307,6 +308,11 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         _check_number(f"{where}.client_learning_rate", lr, float, None)
         if not lr > 0:
             raise ConfigError(f"{where}.client_learning_rate: must be > 0, got {lr!r}.")
+        if not math.isfinite(lr):
+            raise ConfigError(
+                f"{where}.client_learning_rate: must be finite, got {lr!r}; every client's "
+                "update would be non-finite and dropped. Use e.g. 0.1."
+            )
         params = _factory_params(REGISTRY[alg["name"]])
         has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         own = {"name", "label", "client_optimizer", "client_learning_rate"}
