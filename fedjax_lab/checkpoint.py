@@ -11,11 +11,15 @@ A step holds two items:
   an OCDBT store). Typed PRNG keys (``jax.random.key``) are stored as their ``key_data``
   (``uint32``) and re-wrapped on restore, so the caller gets the same typed key back.
 * ``manifest``: JSON with every leaf's path, shape, dtype and key implementation, a SHA-256 of
-  the stored bytes (:func:`params_sha256`) and the caller's JSON ``metadata``.
+  the stored bytes (:func:`params_sha256`), the caller's JSON ``metadata``, and
+  ``manifest_sha256``: a SHA-256 of all the rest of the manifest (canonical JSON), so an edited
+  metadata value, leaf entry or array digest is reported as corruption too.
 
 :func:`restore` checks the caller's ``like`` tree against the manifest before reading any array
 (``"mismatched checkpoint"`` naming the first differing leaf), and after reading checks the bytes
-against the stored digest, so a garbled file is reported as corrupt, never silently loaded.
+against the stored digest, so a garbled file is reported as corrupt
+(:class:`CorruptCheckpoint`), never silently loaded. The digests detect damage and edits; they
+are not a signature (whoever can write the files can also rewrite the digests).
 Nothing is unpickled: orbax reads zarr/OCDBT data and JSON.
 
 Example:
@@ -48,7 +52,8 @@ import orbax.checkpoint as ocp
 
 from fedjax_lab._types import PyTree
 
-__all__ = ["latest_step", "params_sha256", "restore", "save"]
+__all__ = ["CorruptCheckpoint", "complete_steps", "latest_step", "params_sha256", "restore",
+           "save"]
 
 _ARRAYS, _MANIFEST = "arrays", "manifest"
 _FORMAT = "fedjax_lab.checkpoint/1"
@@ -57,6 +62,31 @@ _FORMAT = "fedjax_lab.checkpoint/1"
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint step that cannot be read back intact; it is left untouched on disk.
+
+    Attributes:
+      directory: the checkpoint folder.
+      step: the corrupt step.
+      reason: one line saying what is wrong (no library internals).
+    """
+
+    def __init__(self, directory: Path, step: int, reason: str):
+        self.directory, self.step, self.reason = directory, step, reason
+        super().__init__(
+            f"checkpoint {directory}/{step} is corrupt ({reason}); it was left in place. "
+            f"Restore an older step with restore(..., step=...) (complete steps: "
+            f"{_complete_steps(directory)})."
+        )
+
+
+def _manifest_sha256(manifest: dict) -> str:
+    """SHA-256 of the manifest without its own digest, as canonical JSON (sorted keys)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _directory(directory: str | os.PathLike) -> Path:
@@ -152,6 +182,17 @@ def _complete_steps(path: Path) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+    """Every COMPLETE step in ``directory``, oldest first (``[]`` when there is none).
+
+    Example:
+      >>> import tempfile
+      >>> complete_steps(tempfile.mkdtemp())
+      []
+    """
+    return _complete_steps(_directory(directory))
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
@@ -256,6 +297,7 @@ def save(
         "sha256": params_sha256(stored),
         "metadata": metadata,
     }
+    manifest["manifest_sha256"] = _manifest_sha256(manifest)
     # orbax cannot store zero-size arrays; the manifest's shape and dtype rebuild them.
     arrays = {f"{i:06d}": x for i, x in enumerate(stored) if x.size}
     items = {_MANIFEST: ocp.args.JsonSave(manifest)}
@@ -293,13 +335,23 @@ def _check_like(path: Path, step: int, manifest: dict, paths: list[str], like: l
         )
 
 
-def _corrupt(path: Path, step: int, why: str) -> ValueError:
+def _root_message(e: BaseException) -> str:
+    """The innermost error's message, on one line, without TensorStore's spec dump."""
+    seen = {id(e)}
+    while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        e = nxt
+    msg = str(e)
+    for noise in ("See full TensorStore details", "[source locations=", " [tensorstore_spec="):
+        msg = msg.split(noise)[0]
+    msg = " ".join(msg.split()).rstrip(" .;:")
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _corrupt(path: Path, step: int, why: str) -> CorruptCheckpoint:
     why = " ".join(why.split())  # one line; the full error stays chained as __cause__
-    why = why if len(why) <= 240 else why[:237] + "..."
-    return ValueError(
-        f"checkpoint {path}/{step} is corrupt ({why}); it was left in place. Restore an older "
-        f"step with restore(..., step=...) (complete steps: {_complete_steps(path)})."
-    )
+    why = why if len(why) <= 300 else why[:297] + "..."
+    return CorruptCheckpoint(path, step, why)
 
 
 def restore(
@@ -324,8 +376,10 @@ def restore(
 
     Raises:
       ValueError: no checkpoint / no such step; ``"mismatched checkpoint"`` naming the first
-        leaf whose path, shape or dtype differs from ``like``; ``"... is corrupt"`` when a file
-        of the step is truncated or garbled (the step is left untouched on disk).
+        leaf whose path, shape or dtype differs from ``like``.
+      CorruptCheckpoint: (a ``ValueError``) ``"... is corrupt"`` when a file of the step is
+        truncated or garbled, or the manifest (metadata included) was edited; the step is left
+        untouched on disk.
 
     Example:
       >>> import tempfile, jax.numpy as jnp
@@ -361,7 +415,13 @@ def restore(
                 _ = entry["path"], tuple(entry["shape"]), entry["dtype"], entry["key_impl"]
             _ = str(manifest["sha256"]), dict(manifest["metadata"])
         except Exception as e:  # noqa: BLE001 - any failure to read the manifest is corruption
-            raise _corrupt(path, step, f"unreadable manifest: {type(e).__name__}: {e}") from e
+            raise _corrupt(path, step, f"unreadable manifest: {_root_message(e)}") from e
+        if "manifest_sha256" not in manifest:
+            raise _corrupt(path, step, "the manifest carries no manifest_sha256 (written by an "
+                                       "older fedjax_lab, or edited)")
+        if manifest["manifest_sha256"] != _manifest_sha256(manifest):
+            raise _corrupt(path, step, "the manifest's SHA-256 differs from the one saved: its "
+                                       "metadata, leaf list or array digest was changed")
         _check_like(path, step, manifest, paths, like_leaves)
 
         default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -387,7 +447,7 @@ def restore(
                 for i, w in enumerate(wanted)
             ]
         except Exception as e:  # noqa: BLE001 - tensorstore/zarr errors on garbled data
-            raise _corrupt(path, step, f"unreadable arrays: {type(e).__name__}: {e}") from e
+            raise _corrupt(path, step, f"unreadable arrays: {_root_message(e)}") from e
 
     for arr, want in zip(stored, wanted, strict=True):
         if arr.shape != want.shape or arr.dtype != want.dtype:

@@ -10,7 +10,21 @@ whole run ``DIR/summary.json`` (config, versions, device, wall time, final metri
 ``delta``, ``accountant``, ``sampling``, ``sampling_rate``, ``noise_multiplier``, see
 :func:`fedjax_lab.experiment.privacy_spent`, also printed) and the plots ``accuracy.png``,
 ``train_loss.png`` and ``client_accuracy.png``. ``--resume`` continues every run from its last
-good checkpoint and ends bit-identical to a run never interrupted.
+good checkpoint and ends bit-identical to a run never interrupted; ``--resume --rounds N`` with
+N larger than a finished run's rounds extends it, ending identical to a run of N rounds.
+
+Resuming checks, before anything compiles, that the checkpoint was written by the same config
+(the refusal names the keys that differ; ``training.rounds`` may grow) and on the same
+execution setup: the resolved client map, backend and device count are recorded in every
+checkpoint, and a different one (e.g. ``client_map = "auto"`` sharded over 2 devices, resumed on
+1) is refused unless ``--allow-device-change`` is given, which continues and says the result
+will differ from an uninterrupted run in float rounding. A corrupt newest checkpoint is left in
+place and the run falls back to the newest intact step, saying so; ``--resume-from STEP``
+resumes from a chosen step. A round in which no client trained (every sampled client dropped)
+has ``train_loss: null`` in ``metrics.jsonl`` and the CLI warns naming those rounds; every JSON
+file written is strict JSON (no ``NaN`` tokens). Every error the CLI foresees (bad config,
+unusable ``--out``, bad data files, refused resume) prints ``fedjax-lab: error: ...`` naming
+the argument or path and the fix, and exits with status 2.
 
 ``fedjax-lab sweep CONFIG --out DIR`` runs the config's ``[sweep]`` grid as one compiled program
 and writes ``sweep.csv`` and ``sweep.png`` (see :func:`fedjax_lab.sweep.sweep`).
@@ -20,19 +34,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab import checkpoint as ckpt
 from fedjax_lab import experiment as exp_lib
+from fedjax_lab import maps as maps_lib
 from fedjax_lab import metrics as metrics_lib
 from fedjax_lab.rounds import run_rounds
 
@@ -59,15 +77,27 @@ def _environment() -> dict[str, Any]:
     }
 
 
+def _finite(v: Any) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
 def _rows(hist: dict[str, Any], first_round: int) -> list[dict[str, Any]]:
-    """Per-round JSON rows from a block's history (one host transfer per block)."""
+    """Per-round JSON rows from a block's history (one host transfer per block).
+
+    Non-finite values become ``None`` (JSON ``null``). A round in which no client trained
+    (``num_examples == 0``: every sampled client was dropped) has ``train_loss`` ``None``
+    whatever the engine reported for it, never ``0.0``.
+    """
     hist = jax.device_get(hist)
     n = len(hist["train_loss"])
     rows = []
     for i in range(n):
         row: dict[str, Any] = {"round": first_round + i + 1}
         for k in _ROW_KEYS:
-            row[k] = float(hist[k][i])
+            row[k] = _finite(hist[k][i])
+        if not row["num_examples"]:
+            row["train_loss"] = None
         for k in ("eval_accuracy", "eval_loss"):
             if k in hist and np.isfinite(hist[k][i]):
                 row["test_" + k[5:]] = float(hist[k][i])
@@ -75,15 +105,240 @@ def _rows(hist: dict[str, Any], first_round: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_one(
+def _json(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON (non-finite floats as ``null``, never a bare ``NaN``/``Infinity`` token)."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
+
+
+def _ranges(rounds: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
+    parts: list[str] = []
+    start = prev = None
+    for r in [*rounds, None]:
+        if prev is not None and r == prev + 1:
+            prev = r
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = r
+    return ", ".join(parts)
+
+
+def _execution(experiment: exp_lib.Experiment) -> dict[str, Any]:
+    """The setup the rounds run on: what decides their float rounding besides the config."""
+    client_map = experiment.client_map
+    if client_map is maps_lib.auto():
+        client_map = maps_lib.choose(experiment.config["training"]["cohort_size"])
+    return {"client_map": client_map.name, "backend": jax.default_backend(),
+            "devices": jax.device_count()}
+
+
+def _same_execution(saved: dict[str, Any] | None, now: dict[str, Any]) -> bool:
+    if not isinstance(saved, dict):
+        return False
+    keys = ["client_map", "backend"]
+    if str(now["client_map"]).startswith("sharded(") or str(
+        saved.get("client_map", "")
+    ).startswith("sharded("):
+        keys.append("devices")
+    return all(saved.get(k) == now[k] for k in keys)
+
+
+def _describe_execution(e: dict[str, Any] | None) -> str:
+    if not isinstance(e, dict):
+        return "an unrecorded setup"
+    return f"client map {e.get('client_map')} on {e.get('devices')} {e.get('backend')} device(s)"
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_flat(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: obj}
+
+
+_MISSING = object()
+
+
+def _config_diff(saved: Any, now: Any) -> list[str]:
+    """The keys whose values differ, as ``"key: checkpoint A, now B"`` (``training.rounds``
+    excluded: a run may be extended)."""
+    a, b = _flat(saved), _flat(now)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key == "training.rounds":
+            continue
+        va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
+        if va != vb:
+            show = [("(unset)" if v is _MISSING else json.dumps(v)) for v in (va, vb)]
+            out.append(f"{key}: checkpoint {show[0]}, now {show[1]}")
+    return out
+
+
+def _uncommitted(tree: Any) -> Any:
+    """The same bits as arrays not committed to a device, like a fresh run's state.
+
+    A restored array is committed to the device it was read onto; next to the engine's
+    replicated params on several devices, jit would refuse it ("incompatible devices").
+    """
+
+    def one(x: Any) -> Any:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jnp.asarray(np.asarray(jax.random.key_data(x)))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jnp.asarray(np.asarray(x))
+
+    return jax.tree.map(one, tree)
+
+
+def _warn(msg: str) -> None:
+    print(f"fedjax-lab: warning: {msg}", file=sys.stderr)
+
+
+class _Start(NamedTuple):
+    state: Any
+    run_key: Any
+    history: list[dict[str, Any]]
+    device_changes: list[dict[str, Any]]
+
+
+def _start(
     experiment: exp_lib.Experiment,
     label: str,
     out: Path,
     *,
     resume: bool,
+    resume_from: int | None,
+    allow_device_change: bool,
+) -> _Start:
+    """The state a run starts from: fresh, or restored and checked (config, setup, rounds).
+
+    Runs before anything compiles, for every algorithm of the config, so a refused resume of
+    the last one does not cost the training of the first ones.
+    """
+    cfg = experiment.config
+    alg = experiment.algorithms[label]
+    run_dir = out / _slug(label)
+    ckpt_dir = run_dir / "checkpoints"
+    metrics_path = run_dir / "metrics.jsonl"
+    training = cfg["training"]
+    init_key, run_key = jax.random.split(jax.random.key(training["seed"]))
+    state = alg.init(experiment.model.init(init_key), num_clients=experiment.train.num_clients)
+    steps = ckpt.complete_steps(ckpt_dir) if ckpt_dir.is_dir() else []
+    if not resume:
+        if steps or metrics_path.exists():
+            raise ValueError(
+                f"--out: {run_dir} already holds a run; pass --resume to continue it or choose "
+                "another --out (nothing was overwritten)."
+            )
+        return _Start(state, run_key, [], [])
+    if not steps:
+        if resume_from is not None:
+            raise ValueError(
+                f"--resume-from: {ckpt_dir} holds no complete checkpoint; drop --resume-from to "
+                "start afresh, or point --out at the run to continue."
+            )
+        return _Start(state, run_key, [], [])
+    if resume_from is not None and resume_from not in steps:
+        raise ValueError(
+            f"--resume-from: step {resume_from} is not a complete checkpoint in {ckpt_dir}; "
+            f"complete steps: {steps}."
+        )
+    candidates = [resume_from] if resume_from is not None else list(reversed(steps))
+    like = {"state": state, "key": run_key}
+    restored = None
+    for step in candidates:
+        try:
+            restored = ckpt.restore(ckpt_dir, like, step=step)
+            break
+        except ckpt.CorruptCheckpoint as e:
+            older = [s for s in steps if s < step]
+            if resume_from is not None:
+                raise ValueError(
+                    f"--resume-from: checkpoint {ckpt_dir}/{step} is corrupt ({e.reason}); it "
+                    f"was left in place. Choose another step (complete steps: {steps})."
+                ) from None
+            _warn(
+                f"checkpoint {ckpt_dir}/{step} is corrupt ({e.reason}); it was left in place"
+                + (f"; trying the older step {older[-1]}." if older else ".")
+            )
+    if restored is None:
+        raise ValueError(
+            f"--resume: every checkpoint in {ckpt_dir} is corrupt (steps {steps}, left in "
+            "place); choose another --out to start afresh."
+        )
+    tree, meta, step = restored
+    tree = _uncommitted(tree)
+    if meta.get("label") != label or meta.get("config") != _jsonable(cfg):
+        diff = _config_diff(meta.get("config"), _jsonable(cfg))
+        if meta.get("label") != label:
+            diff.insert(0, f"label: checkpoint {meta.get('label')!r}, now {label!r}")
+        if diff:
+            raise ValueError(
+                f"--resume: the checkpoint in {ckpt_dir} was written by a different config ("
+                + "; ".join(diff) + "); resume with the same config or choose another --out."
+            )
+    done = int(tree["state"].round)
+    if done > training["rounds"]:
+        raise ValueError(
+            f"--rounds: the checkpoint {ckpt_dir}/{step} is at round {done}, past "
+            f"training.rounds = {training['rounds']}; pass --rounds {done} or more, or choose "
+            "another --out."
+        )
+    now = _execution(experiment)
+    saved = meta.get("execution")
+    changes = list(meta.get("device_changes", []))
+    if not _same_execution(saved, now):
+        what = (f"the checkpoint {ckpt_dir}/{step} was written with {_describe_execution(saved)}"
+                f"; this process would continue with {_describe_execution(now)}")
+        if not allow_device_change:
+            raise ValueError(
+                f"--resume: {what}. The result would match neither an uninterrupted run on the "
+                "first setup nor one on the second. Resume on the same devices (e.g. the same "
+                "XLA_FLAGS / CUDA_VISIBLE_DEVICES), or pass --allow-device-change to continue "
+                "anyway."
+            )
+        _warn(
+            f"{label}: {what} (--allow-device-change). The result will differ in float rounding "
+            "from an uninterrupted run on either setup."
+        )
+        changes.append({"round": done, "from": saved, "to": now})
+    if step != steps[-1]:
+        print(f"fedjax-lab: {label}: resuming from round {done} (checkpoint {ckpt_dir}/{step}); "
+              f"the newer step(s) {[s for s in steps if s > step]} are left as they are and "
+              "not overwritten.", file=sys.stderr)
+    else:
+        print(f"fedjax-lab: {label}: resuming from round {done} (checkpoint {ckpt_dir}/{step}).",
+              file=sys.stderr)
+    return _Start(tree["state"], tree["key"], list(meta["history"]), changes)
+
+
+def _run_one(
+    experiment: exp_lib.Experiment,
+    label: str,
+    out: Path,
+    start: _Start,
+    *,
     progress: bool,
 ) -> dict[str, Any]:
-    """Runs one algorithm of the experiment with checkpoints; returns its summary."""
+    """Runs one algorithm of the experiment from ``start`` with checkpoints; returns its summary."""
     from tqdm.auto import tqdm
 
     cfg = experiment.config
@@ -94,37 +349,24 @@ def _run_one(
     metrics_path = run_dir / "metrics.jsonl"
     total = training["rounds"]
     block = evaluation["every"]
+    state, run_key, history = start.state, start.run_key, list(start.history)
+    execution = _execution(experiment)
 
-    init_key, run_key = jax.random.split(jax.random.key(training["seed"]))
-    state = alg.init(experiment.model.init(init_key), num_clients=experiment.train.num_clients)
-    history: list[dict[str, Any]] = []
-    existing = ckpt.latest_step(ckpt_dir) if ckpt_dir.exists() else None
-    if resume and existing is not None:
-        tree, meta, _ = ckpt.restore(ckpt_dir, {"state": state, "key": run_key})
-        state, run_key = tree["state"], tree["key"]
-        history = meta["history"]
-        if meta.get("label") != label or meta.get("config") != _jsonable(cfg):
-            raise ValueError(
-                f"--resume: the checkpoint in {ckpt_dir} was written by a different config; "
-                "resume with the same config or choose another --out."
-            )
-    elif not resume and (existing is not None or metrics_path.exists()):
-        raise ValueError(
-            f"--out: {run_dir} already holds a run; pass --resume to continue it or choose "
-            "another --out (nothing was overwritten)."
-        )
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(metrics_path, "w") as f:  # what the checkpoint holds; later lines were lost
-        f.writelines(json.dumps(row) + "\n" for row in history)
+        f.writelines(_json(row) + "\n" for row in history)
 
     done = int(state.round)
+    existing = ckpt.complete_steps(ckpt_dir) if ckpt_dir.is_dir() else []
     start_wall = time.perf_counter()
     bar = tqdm(total=total, initial=done, desc=label, unit="round", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     last_acc = next((r["test_accuracy"] for r in reversed(history) if "test_accuracy" in r),
                     None)
     while done < total:
-        n = min(block, total - done)
+        # Blocks end on multiples of `block`, as in a run never interrupted (an extended run
+        # that had ended mid-block realigns).
+        n = min(block - done % block, total - done)
         state, hist = run_rounds(
             alg, state, experiment.train, run_key,
             num_rounds=n,
@@ -144,21 +386,32 @@ def _run_one(
         done += n
         history.extend(rows)
         with open(metrics_path, "a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+            f.writelines(_json(row) + "\n" for row in rows)
         last_acc = rows[-1].get("test_accuracy", last_acc)
-        postfix = {"loss": f"{rows[-1]['train_loss']:.4f}"}
+        loss = rows[-1]["train_loss"]
+        postfix = {"loss": "no client" if loss is None else f"{loss:.4f}"}
         if last_acc is not None:
             postfix["test_acc"] = f"{last_acc:.4f}"
         bar.set_postfix(postfix, refresh=False)
         bar.update(n)
         if done % checkpointing["every"] == 0 or done == total:
+            if existing and done <= existing[-1]:
+                continue  # a step kept from before (e.g. a corrupt one): never overwritten
             ckpt.save(
                 ckpt_dir, done, {"state": state, "key": run_key},
-                metadata={"label": label, "config": _jsonable(cfg), "history": history},
+                metadata={"label": label, "config": _jsonable(cfg), "history": history,
+                          "execution": execution, "device_changes": start.device_changes},
                 keep=checkpointing["keep"],
             )
     bar.close()
     wall = time.perf_counter() - start_wall
+    idle = [r["round"] for r in history if r.get("train_loss") is None]
+    if idle:
+        _warn(
+            f"{label}: no client trained in round(s) {_ranges(idle)} of {len(history)}: every "
+            "sampled client was dropped (its update was not finite, e.g. a learning rate too "
+            "large) or held no example; train_loss is null there and the model did not change."
+        )
 
     final = metrics_lib.evaluate(
         experiment.eval_fn, state.params, experiment.test, batch_size=evaluation["batch_size"]
@@ -176,8 +429,12 @@ def _run_one(
         "client_accuracy_p90": final["accuracy_p90"],
         "client_accuracy_std": final["accuracy_std"],
         "final_train_loss": history[-1]["train_loss"] if history else None,
+        "rounds_no_client_trained": _ranges(idle) or None,
         "params_sha256": ckpt.params_sha256(state.params),
+        "execution": execution,
     }
+    if start.device_changes:
+        summary["device_changes"] = start.device_changes
     spec = next(a for a in cfg["algorithms"] if a.get("label", a["name"]) == label)
     spent = exp_lib.privacy_spent(cfg, spec, int(state.round), experiment.train.num_clients)
     if spent is not None:
@@ -185,7 +442,7 @@ def _run_one(
         if summary["epsilon"] == float("inf"):
             summary["epsilon"] = None  # JSON has no infinity; noise_multiplier 0 says why
     np.savetxt(run_dir / "client_accuracy.txt", final["client_accuracy"], fmt="%.6f")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.json").write_text(_json(summary, indent=2) + "\n")
     return {"summary": summary, "history": history, "client_accuracy": final["client_accuracy"]}
 
 
@@ -206,16 +463,17 @@ def _plots(out: Path, results: dict[str, dict[str, Any]]) -> list[str]:
     ]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, res in results.items():
-            pts = [(r["round"], r[key]) for r in res["history"] if key in r]
+            pts = [(r["round"], r[key]) for r in res["history"] if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), label=label, marker="o" if key[0] == "t" and
                         len(pts) < 40 else None)
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
-        if key == "train_loss":
+        if key == "train_loss" and ax.has_data():
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
@@ -240,10 +498,11 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for label, res in results.items():
         s = res["summary"]
-        loss = s["final_train_loss"] if s["final_train_loss"] is not None else float("nan")
+        loss = s["final_train_loss"]
+        loss = "no client" if loss is None else f"{loss:.4f}"
         lines.append(
             f"{label:<14}{s['test_accuracy']:>9.4f}{s['client_accuracy_p10']:>11.4f}"
-            f"{s['client_accuracy_mean']:>12.4f}{loss:>11.4f}{s['wall_time_s']:>8.1f}"
+            f"{s['client_accuracy_mean']:>12.4f}{loss:>11}{s['wall_time_s']:>8.1f}"
         )
     for label, res in results.items():
         s = res["summary"]
@@ -263,35 +522,77 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _prepare_out(out: str | os.PathLike) -> Path:
+    """``out`` as a directory this process can write, or a ``ConfigError`` naming it."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise exp_lib.ConfigError(
+            f"--out: {path} is a file, not a directory; give a new or existing directory."
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise exp_lib.ConfigError(
+            f"--out: cannot create the directory {path} ({e.strerror or e}); choose a location "
+            "you can write to."
+        ) from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise exp_lib.ConfigError(
+            f"--out: cannot write in {path} ({e.strerror or e}); choose a writable directory "
+            "or fix its permissions."
+        ) from None
+    return path
+
+
 def run_experiment(
     config: dict[str, Any] | None,
     out: str | os.PathLike,
     *,
     rounds: int | None = None,
     resume: bool = False,
+    resume_from: int | None = None,
+    allow_device_change: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Runs a config (``None``: the default experiment) into ``out``; returns the summary dict.
+
+    ``resume_from`` (a checkpoint step, implies ``resume``) resumes from that step instead of
+    the newest intact one; ``allow_device_change`` continues a checkpoint written on another
+    execution setup (client map, backend, device count) instead of refusing it.
 
     Example (not run here: it trains):
       ``fl.cli.run_experiment(None, "runs/default")``
     """
     cfg = exp_lib.validate(config or {})
     if rounds is not None:
-        if not isinstance(rounds, int) or rounds < 1:
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise exp_lib.ConfigError(f"--rounds: need a whole number >= 1, got {rounds!r}.")
         cfg["training"]["rounds"] = rounds
         cfg = exp_lib.validate(cfg)
+    if resume_from is not None:
+        if isinstance(resume_from, bool) or not isinstance(resume_from, int) or resume_from < 0:
+            raise exp_lib.ConfigError(
+                f"--resume-from: need a checkpoint step (a whole number >= 0), got "
+                f"{resume_from!r}."
+            )
+        resume = True
+    out = _prepare_out(out)
     experiment = exp_lib.build(cfg)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     print(f"fedjax-lab: {cfg['name']}", file=sys.stderr)
     print(experiment.train.describe(), file=sys.stderr)
     print(f"client map: {experiment.client_map.name} on {jax.default_backend()} "
           f"({jax.local_device_count()} device(s))", file=sys.stderr)
+    starts = {
+        label: _start(experiment, label, out, resume=resume, resume_from=resume_from,
+                      allow_device_change=allow_device_change)
+        for label in experiment.algorithms
+    }
     start = time.perf_counter()
     results = {
-        label: _run_one(experiment, label, out, resume=resume, progress=progress)
+        label: _run_one(experiment, label, out, starts[label], progress=progress)
         for label in experiment.algorithms
     }
     plots = _plots(out, results)
@@ -302,7 +603,7 @@ def run_experiment(
         "runs": {label: res["summary"] for label, res in results.items()},
         "plots": plots,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(_json(summary, indent=2) + "\n")
     print(_table(results))
     print(f"\nwrote {out}/summary.json, metrics.jsonl per run, {', '.join(plots)}")
     return summary
@@ -315,7 +616,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", help="TOML config (omit for the default experiment)")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--rounds", type=int, help="override training.rounds")
-    r.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from the newest intact checkpoint (a corrupt newer one is left "
+                        "in place and reported); with --rounds N larger, extend a finished run")
+    r.add_argument("--resume-from", type=int, metavar="STEP",
+                   help="resume from checkpoint STEP (implies --resume)")
+    r.add_argument("--allow-device-change", action="store_true",
+                   help="resume a checkpoint written with another client map or device count "
+                        "(the result then differs from an uninterrupted run in float rounding)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = sub.add_parser("sweep", help="run the config's [sweep] grid as one compiled program")
     s.add_argument("config", help="TOML config with a [sweep] table")
@@ -324,21 +632,42 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return exp_lib.load_config(path)
+    except RecursionError:
+        raise exp_lib.ConfigError(
+            f"config: {path!r} is nested too deeply to read; a config needs a few levels at "
+            "most. Fix the file."
+        ) from None
+    except IsADirectoryError:
+        raise exp_lib.ConfigError(f"config: {path!r} is a directory; give a TOML file.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedjax-lab`` command."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            config = exp_lib.load_config(args.config) if args.config else None
-            run_experiment(config, args.out, rounds=args.rounds, resume=args.resume,
+            run_experiment(_load(args.config), args.out, rounds=args.rounds,
+                           resume=args.resume, resume_from=args.resume_from,
+                           allow_device_change=args.allow_device_change,
                            progress=not args.no_progress)
         else:
             from fedjax_lab.sweep import run_sweep_config
 
-            config = exp_lib.load_config(args.config)
+            config = _load(args.config)
+            _prepare_out(args.out)
             run_sweep_config(config, args.out, rounds=args.rounds)
     except (exp_lib.ConfigError, ValueError, TypeError) as e:
         print(f"fedjax-lab: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the run reads or writes; the messages above name most
+        where = e.filename or "a file"
+        print(f"fedjax-lab: error: {where}: {e.strerror or e}; check that the path exists and "
+              "that you may read (inputs) or write (--out) it.", file=sys.stderr)
         return 2
     return 0
 

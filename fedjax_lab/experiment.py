@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import os
 import sys
 from typing import Any, NamedTuple
@@ -407,6 +408,11 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         _check_number(f"{where}.client_learning_rate", lr, float, None)
         if not lr > 0:
             raise ConfigError(f"{where}.client_learning_rate: must be > 0, got {lr!r}.")
+        if not math.isfinite(lr):
+            raise ConfigError(
+                f"{where}.client_learning_rate: must be finite, got {lr!r}; every client's "
+                "update would be non-finite and dropped. Use e.g. 0.1."
+            )
         params = REGISTRY.options(alg["name"], skip=("loss_fn", "client_optimizer"))
         own = {"name", "label", "client_optimizer", "client_learning_rate"}
         for key, value in alg.items():

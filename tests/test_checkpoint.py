@@ -244,6 +244,50 @@ def test_a_corrupt_checkpoint_raises_and_is_left_in_place(tmp_path, target, dama
     assert step == 1 and not back["w"].any()
 
 
+def test_a_truncated_array_file_is_reported_without_library_internals(tmp_path):
+    tree = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(64, 64)), jnp.float32)}
+    checkpoint.save(tmp_path, 3, tree)
+    _truncate(_largest_file(tmp_path / "3" / "arrays"))
+    with pytest.raises(checkpoint.CorruptCheckpoint) as info:
+        checkpoint.restore(tmp_path, tree)
+    msg = str(info.value)
+    assert info.value.step == 3 and "unreadable arrays" in info.value.reason
+    assert "\n" not in msg and len(msg) < 600
+    for noise in ("pybind", "TensorStore details", "bound method", "'driver'"):
+        assert noise not in msg
+
+
+def _edit_manifest(step_dir: Path, edit) -> None:
+    """Rewrites the manifest as valid JSON with ``edit`` applied (the digests left alone)."""
+    f = step_dir / "manifest" / "metadata"
+    manifest = json.loads(f.read_text())
+    edit(manifest)
+    f.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (lambda m: m["metadata"]["rows"][0].update(loss=0.01), "manifest's SHA-256 differs"),
+        (lambda m: m["metadata"]["config"].update(lr=0.5), "manifest's SHA-256 differs"),
+        (lambda m: m["metadata"].update(extra=1), "manifest's SHA-256 differs"),
+        (lambda m: m["leaves"][0].update(path="['v']"), "manifest's SHA-256 differs"),
+        (lambda m: m.pop("manifest_sha256"), "manifest carries no manifest_sha256"),
+    ],
+    ids=["forged-history", "forged-config", "added-key", "renamed-leaf", "digest-removed"],
+)
+def test_an_edited_manifest_is_corrupt(tmp_path, edit, reason):
+    """The digest covers the whole manifest: metadata edits in still-valid JSON are caught."""
+    tree = {"w": jnp.arange(4.0)}
+    checkpoint.save(tmp_path, 1, tree, metadata=METADATA)
+    checkpoint.save(tmp_path, 2, tree, metadata=METADATA)
+    _edit_manifest(tmp_path / "2", edit)
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=r"2 is corrupt \((the )?" + reason):
+        checkpoint.restore(tmp_path, tree)
+    assert checkpoint.complete_steps(tmp_path) == [1, 2]  # left in place
+    assert checkpoint.restore(tmp_path, tree, step=1)[1] == METADATA
+
+
 _WRITER = textwrap.dedent(
     """
     import sys

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fedjax_lab import checkpoint as ckpt
 from fedjax_lab import cli
 from fedjax_lab import experiment as exp_lib
 
@@ -63,6 +68,8 @@ def _write(tmp_path: Path, rounds: int, extra: str = "") -> Path:
         ({"algorithms": [{"name": "fedsomething"}]}, "algorithms\\[0\\].name: got 'fedsomething'"),
         ({"algorithms": [{"name": "fedavg", "client_learning_rate": -1.0}]},
          "algorithms\\[0\\].client_learning_rate: must be > 0"),
+        ({"algorithms": [{"name": "fedavg", "client_learning_rate": float("inf")}]},
+         "algorithms\\[0\\].client_learning_rate: must be finite, got inf"),
         ({"algorithms": [{"name": "fedavg", "client_optimizer": "lamb"}]},
          "client_optimizer: got 'lamb'"),
         ({"checkpoint": {"every": 3}, "evaluation": {"every": 2}},
@@ -177,3 +184,178 @@ seeds = [0, 1]
     assert {float(r["client_learning_rate"]) for r in rows} == {0.05, 0.1}
     assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _err(capsys, argv: list[str]) -> tuple[int, str]:
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+def _strict_json(path: Path):
+    def refuse(token):
+        raise AssertionError(f"{path}: bare {token} token (not strict JSON)")
+
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_unusable_out_and_input_files_are_errors_not_tracebacks(tmp_path, capsys):
+    """--out a file, an unwritable place, a deeply nested LEAF file or TOML: rc 2, one line."""
+    cfg = str(_write(tmp_path, 2))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        ([cfg, "--out", str(a_file)], rf"--out: {a_file} is a file, not a directory"),
+        ([cfg, "--out", str(a_file / "sub")], r"--out: cannot create the directory .*a_file/sub"),
+        ([cfg, "--out", "/sys/fedjax_out"], r"--out: cannot create the directory /sys/fedjax_out "
+                                            r"\(Operation not permitted\); choose a location"),
+        ([cfg, "--out", "/sys"], r"--out: cannot write in /sys \(Permission denied\); choose a "
+                                 r"writable directory"),
+    ]
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "all_data.json").write_text("[" * 100_000 + "]" * 100_000)
+    leaf_cfg = tmp_path / "leaf.toml"
+    leaf_cfg.write_text(f'[data]\nname = "leaf"\ntrain_path = "{deep}"\ntest_path = "{deep}"\n')
+    cases.append(([str(leaf_cfg), "--out", str(tmp_path / "o")],
+                  r"deep/all_data\.json: JSON nested too deeply"))
+    deep_toml = tmp_path / "deep.toml"
+    deep_toml.write_text("a = " + "[" * 100_000 + "]" * 100_000)
+    cases.append(([str(deep_toml), "--out", str(tmp_path / "o")],
+                  r"config: '.*deep\.toml' is nested too deeply"))
+    for args, match in cases:
+        code, err = _err(capsys, ["run", *args, "--no-progress"])
+        assert code == 2, (args, err)
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("fedjax-lab: error: ") and "Traceback" not in err, err
+        assert re.search(match, line), (match, line)
+    assert a_file.read_text() == "x"
+    code, err = _err(capsys, ["sweep", cfg, "--out", str(a_file)])
+    assert code == 2 and "--out: " in err and "is a file" in err
+
+
+def test_rows_of_rounds_without_clients_are_null_never_zero():
+    nan = float("nan")
+    hist = {"train_loss": [0.5, nan, 0.0], "num_examples": [10, 0, 0],
+            "dropped_clients": [0, 4, 4], "round_skipped": [0, 1, 1],
+            "update_norm": [1.0, 0.0, nan], "eval_accuracy": [nan, 0.3, nan],
+            "eval_loss": [nan, 1.0, nan]}
+    rows = cli._rows({k: np.asarray(v) for k, v in hist.items()}, 4)
+    assert [r["round"] for r in rows] == [5, 6, 7]
+    assert [r["train_loss"] for r in rows] == [0.5, None, None]  # NaN or no example -> null
+    assert rows[2]["update_norm"] is None and rows[1]["test_accuracy"] == 0.3
+    text = cli._json(rows)
+    assert "NaN" not in text and json.loads(text) == rows
+    assert cli._json({"a": math.inf, "b": [nan, 1.0]}) == '{"a": null, "b": [null, 1.0]}'
+    assert cli._ranges([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10" and cli._ranges([]) == ""
+
+
+def test_a_run_where_no_client_trains_warns_and_reports_null(tmp_path, capsys):
+    text = _write(tmp_path, 2).read_text().replace("client_learning_rate = 0.1",
+                                                   "client_learning_rate = 1e30")
+    cfg = tmp_path / "diverge.toml"
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    code = cli.main(["run", str(cfg), "--out", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    err = captured.err
+    assert code == 0, err
+    assert "no client" in captured.out.splitlines()[2]  # the table's train loss column
+    assert "warning: fedadam: no client trained in round(s) 1-2 of 2" in err
+    rows = _strict_json(out / "fedadam" / "metrics.jsonl")
+    assert [(r["train_loss"], r["num_examples"]) for r in rows] == [(None, 0.0), (None, 0.0)]
+    for summary in (_strict_json(out / "summary.json")["runs"]["fedadam"],
+                    _strict_json(out / "fedadam" / "summary.json")):
+        assert summary["final_train_loss"] is None
+        assert summary["rounds_no_client_trained"] == "1-2"
+
+
+def test_resume_extends_names_config_keys_and_falls_back_past_a_corrupt_step(tmp_path, capsys):
+    """A finished 4-round run extended to 6 equals a 6-round run; a forged newest step is left
+    in place and the run resumes from the older one, saying so; refusals name what differs."""
+    cfg4, cfg6 = _write(tmp_path, 4), _write(tmp_path, 6)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _err(capsys, ["run", str(cfg6), "--out", str(ref), "--no-progress"])[0] == 0
+    want = _strict_json(ref / "summary.json")["runs"]["fedadam"]["params_sha256"]
+    want_rows = _strict_json(ref / "fedadam" / "metrics.jsonl")
+    assert _err(capsys, ["run", str(cfg4), "--out", str(run), "--no-progress"])[0] == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+
+    changed = tmp_path / "changed.toml"
+    changed.write_text(cfg6.read_text().replace("server_learning_rate = 0.03",
+                                                "server_learning_rate = 0.05"))
+    code, err = _err(capsys, ["run", str(changed), "--out", str(run), "--resume"])
+    assert code == 2 and ("different config (algorithms[0].server_learning_rate: checkpoint "
+                          "0.03, now 0.05)") in err
+    code, err = _err(capsys, ["run", str(cfg4), "--out", str(run), "--resume", "--rounds", "3"])
+    assert code == 2 and "--rounds: the checkpoint" in err and "at round 4, past" in err
+    code, err = _err(capsys, ["run", str(cfg4), "--out", str(run), "--resume", "--rounds", "6",
+                              "--no-progress"])
+    assert code == 0, err
+    assert _strict_json(run / "summary.json")["runs"]["fedadam"]["params_sha256"] == want
+    assert _strict_json(run / "fedadam" / "metrics.jsonl") == want_rows
+
+    # The newest step of the copy gets a forged accuracy in a still-valid manifest.
+    manifest = copy / "fedadam" / "checkpoints" / "4" / "manifest" / "metadata"
+    data = json.loads(manifest.read_text())
+    data["metadata"]["history"][-1]["test_accuracy"] = 0.99
+    manifest.write_text(json.dumps(data))
+    forged = manifest.read_bytes()
+    code, err = _err(capsys, ["run", str(cfg6), "--out", str(copy), "--resume-from", "4"])
+    assert code == 2 and "--resume-from: checkpoint" in err and "4 is corrupt (the manifest" in err
+    code, err = _err(capsys, ["run", str(cfg6), "--out", str(copy), "--resume", "--no-progress"])
+    assert code == 0, err
+    assert "warning: checkpoint" in err and "4 is corrupt (the manifest's SHA-256 differs" in err
+    assert "trying the older step 2" in err and "resuming from round 2" in err
+    for noise in ("pybind", "TensorStore", "restore(..."):
+        assert noise not in err
+    assert manifest.read_bytes() == forged  # left in place
+    assert _strict_json(copy / "summary.json")["runs"]["fedadam"]["params_sha256"] == want
+    rows = _strict_json(copy / "fedadam" / "metrics.jsonl")
+    assert rows == want_rows and all(r.get("test_accuracy") != 0.99 for r in rows)
+    assert ckpt.complete_steps(copy / "fedadam" / "checkpoints") == [4, 6]
+
+
+_TWO_DEVICE_RUN = """
+import sys
+from fedjax_lab import cli
+sys.exit(cli.main(["run", sys.argv[1], "--out", sys.argv[2], "--no-progress"]))
+"""
+
+
+def test_resume_on_another_device_count_is_refused_or_continued_explicitly(tmp_path, capsys):
+    """client_map = "auto" shards over 2 devices; resuming that on 1 device is refused naming
+    both setups (before anything compiles), and continues only under --allow-device-change."""
+    from _problems import run_on_host_devices
+
+    auto = TINY.replace('client_map = "sequential"', 'client_map = "auto"')
+    cfg2, cfg4 = tmp_path / "auto2.toml", tmp_path / "auto4.toml"
+    cfg2.write_text(auto.format(rounds=2))
+    cfg4.write_text(auto.format(rounds=4))
+    out = tmp_path / "run"
+    run_on_host_devices(_TWO_DEVICE_RUN, tmp_path, 2, str(cfg2), str(out))
+    import jax
+
+    assert jax.device_count() == 1
+    start = time.perf_counter()
+    code, err = _err(capsys, ["run", str(cfg4), "--out", str(out), "--resume"])
+    assert code == 2
+    assert ("was written with client map sharded(sequential(), all devices) on 2 cpu device(s)"
+            "; this process would continue with client map sequential() on 1 cpu device(s)"
+            ) in err and "--allow-device-change" in err
+    assert time.perf_counter() - start < 20  # refused before training
+    code, err = _err(capsys, ["run", str(cfg4), "--out", str(out), "--resume",
+                              "--allow-device-change", "--no-progress"])
+    assert code == 0, err
+    assert "(--allow-device-change). The result will differ in float rounding" in err
+    summary = _strict_json(out / "summary.json")["runs"]["fedadam"]
+    assert summary["rounds"] == 4
+    assert summary["device_changes"] == [{
+        "round": 2,
+        "from": {"client_map": "sharded(sequential(), all devices)", "backend": "cpu",
+                 "devices": 2},
+        "to": {"client_map": "sequential()", "backend": "cpu", "devices": 1},
+    }]

@@ -363,6 +363,76 @@ def test_tff_bad_files(tmp_path):
         D.load_tff_h5(wrong_task, "cifar100")
 
 
+def _secret(tmp_path) -> tuple:
+    """A file outside the dataset, and an h5 file holding a client, for the escapes below."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(2, dtype=np.int64).tobytes())
+    other = tmp_path / "other.h5"
+    _write_h5(other, {"c0": {"pixels": np.ones((2, 28, 28), np.float32),
+                             "label": np.array([3, 4])}})
+    return secret, other
+
+
+def test_tff_refuses_external_raw_storage(tmp_path):
+    secret, _ = _secret(tmp_path)
+    path = tmp_path / "external.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("examples/c0")
+        g.create_dataset("pixels", data=np.zeros((2, 28, 28), np.float32))
+        g.create_dataset("label", shape=(2,), dtype=np.int64, external=[(str(secret), 0, 16)])
+    with h5py.File(path, "r") as f:  # h5py itself would read the other file's bytes
+        assert f["examples/c0/label"][()].tolist() == [0, 1]
+    with pytest.raises(ValueError, match=r"external\.h5: 'examples/c0/label' keeps its bytes "
+                                         r"in external raw storage"):
+        D.load_tff_h5(path, "emnist")
+
+
+def test_tff_refuses_external_and_soft_links(tmp_path):
+    _, other = _secret(tmp_path)
+    path = tmp_path / "elink.h5"
+    with h5py.File(path, "w") as f:
+        f.create_group("examples")
+        f["examples/c0"] = h5py.ExternalLink(str(other), "/examples/c0")
+    with h5py.File(path, "r") as f:
+        assert f["examples/c0/label"][()].tolist() == [3, 4]
+    with pytest.raises(ValueError, match=r"elink\.h5: 'examples/c0' is an HDF5 ExternalLink "
+                                         r"to '.*other\.h5':/examples/c0; only hard links"):
+        D.load_tff_h5(path, "emnist")
+    with h5py.File(path, "w") as f:  # the top group by an external link: the same refusal
+        f["examples"] = h5py.ExternalLink(str(other), "/examples")
+    with pytest.raises(ValueError, match=r"'examples' is an HDF5 ExternalLink"):
+        D.load_tff_h5(path, "emnist")
+    with h5py.File(path, "w") as f:
+        f["examples/c0/pixels"] = np.zeros((1, 28, 28), np.float32)
+        f["examples/c0/label"] = h5py.SoftLink("/elsewhere")
+    with pytest.raises(ValueError, match=r"'examples/c0/label' is an HDF5 SoftLink to /elsew"):
+        D.load_tff_h5(path, "emnist")
+
+
+def test_tff_refuses_virtual_datasets(tmp_path):
+    _, other = _secret(tmp_path)
+    path = tmp_path / "virtual.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("examples/c0")
+        g.create_dataset("pixels", data=np.zeros((2, 28, 28), np.float32))
+        layout = h5py.VirtualLayout(shape=(2,), dtype=np.int64)
+        layout[:] = h5py.VirtualSource(str(other), "examples/c0/label", shape=(2,))
+        g.create_virtual_dataset("label", layout)
+    with h5py.File(path, "r") as f:
+        assert f["examples/c0/label"][()].tolist() == [3, 4]
+    with pytest.raises(ValueError, match=r"virtual\.h5: 'examples/c0/label' is a virtual dat"):
+        D.load_tff_h5(path, "emnist")
+
+
+def test_tff_labels_that_do_not_fit_int32_are_refused(tmp_path):
+    path = tmp_path / "big.h5"
+    _write_h5(path, {"a": {"pixels": np.zeros((2, 28, 28), np.float32),
+                           "label": np.array([1, 2**40], np.int64)}})
+    with pytest.raises(ValueError, match=r"'examples/a/label': the value 1099511627776 does "
+                                         r"not fit int32"):
+        D.load_tff_h5(path, "emnist")
+
+
 # ----------------------------------------------------------------------------- LEAF
 def _write_json(path, users: dict[str, tuple[list, list]], counts=None) -> None:
     blob = {
@@ -424,6 +494,30 @@ def test_leaf_bad_files(tmp_path):
         D.load_leaf(tmp_path)
     with pytest.raises(ValueError, match="not a directory"):
         D.load_leaf(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "y, x, match",
+    [
+        ([2**40, 1], [[0.0], [1.0]], r"'y': the value 1099511627776 does not fit int32"),
+        ([-(2**31) - 1, 1], [[0.0], [1.0]], r"'y': the value -2147483649 does not fit int32"),
+        ([2**70, 1], [[0.0], [1.0]], r"'y' holds 1180591620717411303424, which does not fit"),
+        ([0, 1], [[1e39], [1.0]], r"'x': the value 1e\+39 does not fit float32"),
+    ],
+    ids=["2**40", "below-int32", "2**70", "x-overflow"],
+)
+def test_leaf_values_that_do_not_fit_their_dtype_are_refused(tmp_path, y, x, match):
+    _write_json(tmp_path / "a.json", {"u": (x, y)})
+    with pytest.raises(ValueError, match=r"a\.json: user 'u': " + match):
+        D.load_leaf(tmp_path)
+    _write_json(tmp_path / "a.json", {"u": ([[0.0], [1.0]], [2**31 - 1, 0])})  # the edge fits
+    assert D.load_leaf(tmp_path).examples["y"].max() == 2**31 - 1
+
+
+def test_leaf_deeply_nested_json_is_an_error_not_a_crash(tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"deep\.json: JSON nested too deeply"):
+        D.load_leaf(tmp_path)
 
 
 # ----------------------------------------------------------------------------- optional deps

@@ -43,10 +43,63 @@ _FEATURES = {
 }
 
 
+def _child(grp: Any, name: str, path: str, key: str) -> Any:
+    """``grp[name]``, refusing anything that could read outside ``path``.
+
+    Only hard links are followed (soft and external links are refused), and a dataset must keep
+    its bytes in this file: external raw storage and virtual datasets are refused too.
+    """
+    h5py = _import_h5py()
+    link = grp.get(name, getlink=True)
+    if link is None:
+        raise KeyError(name)
+    if not isinstance(link, h5py.HardLink):
+        kind = type(link).__name__
+        target = ""
+        if isinstance(link, h5py.ExternalLink):
+            target = f" to {link.filename!r}:{link.path}"
+        elif isinstance(link, h5py.SoftLink):
+            target = f" to {link.path}"
+        raise ValueError(
+            f"{path}: '{key}' is an HDF5 {kind}{target}; only hard links are read, so the "
+            "data stays inside this file. Copy the target into the file (e.g. h5py's "
+            "Group.copy) and rewrite it with plain groups and datasets."
+        )
+    obj = grp[name]
+    if isinstance(obj, h5py.Dataset):
+        if obj.is_virtual:
+            raise ValueError(
+                f"{path}: '{key}' is a virtual dataset (it maps other files' data); only "
+                "datasets stored in this file are read. Rewrite it as a plain dataset."
+            )
+        if obj.id.get_create_plist().get_external_count() > 0:
+            raise ValueError(
+                f"{path}: '{key}' keeps its bytes in external raw storage (another file); only "
+                "datasets stored in this file are read. Rewrite it as a plain dataset."
+            )
+    return obj
+
+
+def _examples(f: Any, path: str) -> Any:
+    h5py = _import_h5py()
+    if "examples" not in f:
+        raise ValueError(
+            f"{path}: missing the group 'examples'; a TFF h5 file holds "
+            "'examples/<client_id>/<feature>'."
+        )
+    grp = _child(f, "examples", path, "examples")
+    if not isinstance(grp, h5py.Group):
+        raise ValueError(
+            f"{path}: 'examples' is a dataset; a TFF h5 file holds "
+            "'examples/<client_id>/<feature>'."
+        )
+    return grp
+
+
 def _read(f: Any, path: str, cid: str, feature: str, task: str) -> np.ndarray:
     h5py = _import_h5py()
     key = f"examples/{cid}/{feature}"
-    grp = f["examples"][cid]
+    grp = _child(_examples(f, path), cid, path, f"examples/{cid}")
     if not isinstance(grp, h5py.Group):
         raise ValueError(f"{path}: 'examples/{cid}' is a dataset; expected a group of features.")
     if feature not in grp:
@@ -54,10 +107,45 @@ def _read(f: Any, path: str, cid: str, feature: str, task: str) -> np.ndarray:
             f"{path}: missing '{key}'; task {task!r} expects the features "
             f"{list(_FEATURES[task])} in every client group, this one holds {sorted(grp.keys())}."
         )
-    ds = grp[feature]
+    ds = _child(grp, feature, path, key)
     if not isinstance(ds, h5py.Dataset):
         raise ValueError(f"{path}: '{key}' is a group; expected a dataset.")
     return ds[()]
+
+
+def _int32(arr: np.ndarray, where: str) -> np.ndarray:
+    """``arr`` as int32, refusing values that int32 cannot hold (they would wrap silently)."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind == "f":
+        if arr.size and not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
+            raise ValueError(f"{where}: expected whole-number labels; got {arr.dtype} values.")
+    elif arr.dtype.kind not in "iub":
+        raise ValueError(f"{where}: expected integer labels; got dtype {arr.dtype}.")
+    info = np.iinfo(np.int32)
+    if arr.size:
+        lo, hi = arr.min(), arr.max()
+        if lo < info.min or hi > info.max:
+            bad = (hi if hi > info.max else lo).item()
+            raise ValueError(
+                f"{where}: the value {bad!r} does not fit int32 (range {info.min}..{info.max}); "
+                "labels must be class indices, fix the file."
+            )
+    return arr.astype(np.int32)
+
+
+def _float32(arr: np.ndarray, where: str) -> np.ndarray:
+    """``arr`` as float32, refusing finite values that overflow to infinity."""
+    arr = np.asarray(arr)
+    with np.errstate(over="ignore"):
+        out = arr.astype(np.float32)
+    if arr.dtype.kind in "iuf" and arr.size:
+        overflow = np.isinf(out) & ~np.isinf(arr)
+        if overflow.any():
+            raise ValueError(
+                f"{where}: the value {arr[overflow].flat[0].item()!r} does not fit float32 "
+                f"(largest {np.finfo(np.float32).max:.4g}); fix the file."
+            )
+    return out
 
 
 def _check(cond: bool, path: str, key: str, expected: str, got: Any) -> None:
@@ -92,7 +180,8 @@ def _tff_client(
                "float32 [n, 28, 28]", f"shape {pixels.shape}")
         _check(label.ndim == 1 and len(label) == len(pixels), path, f"{k}/label",
                f"int [n] with n = {len(pixels)} (the rows of 'pixels')", f"shape {label.shape}")
-        out = {"x": pixels.astype(np.float32)[..., None], "y": label.astype(np.int32)}
+        out = {"x": _float32(pixels, f"{path}: '{k}/pixels'")[..., None],
+               "y": _int32(label, f"{path}: '{k}/label'")}
         if task == "emnist_digits":
             keep = out["y"] < 10
             out = {key: v[keep] for key, v in out.items()}
@@ -108,8 +197,8 @@ def _tff_client(
                f"int [n] with n = {len(image)} (the rows of 'image')", f"shape {arr.shape}")
     return {
         "x": image.astype(np.float32) / np.float32(255.0),
-        "y": label.astype(np.int32),
-        "y_coarse": coarse.astype(np.int32),
+        "y": _int32(label, f"{path}: '{k}/label'"),
+        "y_coarse": _int32(coarse, f"{path}: '{k}/coarse_label'"),
     }
 
 
@@ -124,13 +213,7 @@ def _open_tff(path: str | os.PathLike, name: str = "path") -> str:
 
 
 def _client_ids(f: Any, path: str) -> list[str]:
-    h5py = _import_h5py()
-    if "examples" not in f or not isinstance(f["examples"], h5py.Group):
-        raise ValueError(
-            f"{path}: missing the group 'examples'; a TFF h5 file holds "
-            "'examples/<client_id>/<feature>'."
-        )
-    ids = sorted(f["examples"].keys())
+    ids = sorted(_examples(f, path).keys())
     if not ids:
         raise ValueError(f"{path}: the group 'examples' holds no clients.")
     return ids
@@ -316,6 +399,13 @@ def _leaf_file(path: pathlib.Path) -> dict[str, tuple[list, list]]:
             obj = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}); expected a LEAF data file.") from e
+    except RecursionError:
+        raise ValueError(
+            f"{path}: JSON nested too deeply to read (Python's recursion limit); a LEAF file "
+            "nests 4 levels (user_data -> user -> x -> example). Fix or remove the file."
+        ) from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e}).") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: top level is {type(obj).__name__}; expected a JSON object.")
     for key in ("users", "num_samples", "user_data"):
@@ -361,15 +451,25 @@ def _leaf_arrays(user: str, files: list[str], x: list, y: list, x_shape: Any) ->
         xs = np.stack([_shakespeare.encode(s) for s in x]).astype(np.int32)
         return {"x": xs, "y": _shakespeare.encode("".join(y)).astype(np.int32)}
     try:
-        xs = np.asarray(x, dtype=np.float32)
+        xs = np.asarray(x, dtype=np.float64)
         ys = np.asarray(y)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise ValueError(f"{where}: 'x' should be numbers of one shape ({e}).") from e
+    xs = _float32(xs, f"{where}: 'x'")
+    if ys.dtype.kind == "O" and ys.ndim == 1 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in y
+    ):
+        big = max(y, key=abs)
+        raise ValueError(
+            f"{where}: 'y' holds {big!r}, which does not fit int32; labels must be class "
+            "indices, fix the file."
+        )
     if ys.dtype.kind not in "iuf" or ys.ndim != 1:
         raise ValueError(f"{where}: 'y' should be one number per example; got {ys.dtype}.")
-    if ys.dtype.kind == "f" and np.all(ys == np.round(ys)):
-        ys = ys.astype(np.int64)
-    ys = ys.astype(np.int32) if ys.dtype.kind in "iu" else ys.astype(np.float32)
+    if ys.dtype.kind in "iu" or (np.all(np.isfinite(ys)) and np.all(ys == np.round(ys))):
+        ys = _int32(ys, f"{where}: 'y'")
+    else:
+        ys = _float32(ys, f"{where}: 'y'")
     if x_shape is not None and len(xs):
         try:
             xs = xs.reshape((len(xs), *x_shape))
