@@ -131,3 +131,29 @@ def test_algorithm_table_is_the_registry(site):
                 assert f"{p.name}={p.default!r}" in rows[name], (name, p.name, rows[name])
     assert "McMahan" in rows["fedavg"] and "AISTATS 2017" in rows["fedavg"]
     assert "ICML 2020" in rows["scaffold"]
+
+
+def test_license_and_project_urls_agree():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    license_text = (ROOT / "LICENSE").read_text()
+    assert project["license"] == {"text": "Apache-2.0"}
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
+    urls = project["urls"]
+    assert set(urls) == {"Homepage", "Repository", "Documentation", "Issues"}
+    assert all(u.startswith(urls["Repository"]) for u in urls.values()), urls
+    make = (ROOT / "notebooks" / "_make.py").read_text()
+    assert "fedjax-lab/fedjax_lab" not in make  # the address comes from pyproject only
+    first_code = next(c for c in _notebook_cells("01_quickstart") if c["cell_type"] == "code")
+    assert f"git+{urls['Repository']}" in "".join(first_code["source"])
+
+
+def _notebook_cells(name: str) -> list[dict]:
+    import json
+
+    return json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
