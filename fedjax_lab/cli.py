@@ -34,6 +34,7 @@ import numpy as np
 from fedjax_lab import checkpoint as ckpt
 from fedjax_lab import experiment as exp_lib
 from fedjax_lab import metrics as metrics_lib
+from fedjax_lab import plots as plots_lib
 from fedjax_lab.rounds import run_rounds
 
 __all__ = ["main", "run_experiment"]
@@ -294,7 +295,7 @@ def run_experiment(
         label: _run_one(experiment, label, out, resume=resume, progress=progress)
         for label in experiment.algorithms
     }
-    plots = _plots(out, results)
+    plots = plots_lib.write_experiment_plots(out, results, cfg)
     summary = {
         "config": cfg,
         "environment": _environment(),

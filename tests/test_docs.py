@@ -33,7 +33,7 @@ PUBLIC = [
     *(f"fedjax_lab.{m}" for m in (
         "algorithms", "aggregators", "server", "maps", "client", "data", "models", "metrics",
         "privacy", "robust", "attacks", "compression", "sweep", "checkpoint", "distributed",
-        "personalization", "tree", "experiment", "cli",
+        "personalization", "tree", "experiment", "cli", "plots",
     )),
     "fedjax_lab.data.datasets",
     "fedjax_lab.data.partition",
