@@ -52,6 +52,7 @@ from fedjax_lab import checkpoint as ckpt
 from fedjax_lab import experiment as exp_lib
 from fedjax_lab import maps as maps_lib
 from fedjax_lab import metrics as metrics_lib
+from fedjax_lab import plots as plots_lib
 from fedjax_lab.rounds import run_rounds
 
 __all__ = ["main", "run_experiment"]
@@ -450,48 +451,6 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def _plots(out: Path, results: dict[str, dict[str, Any]]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for key, ylabel, fname in [
-        ("test_accuracy", "test accuracy", "accuracy.png"),
-        ("train_loss", "train loss (cohort mean)", "train_loss.png"),
-    ]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, res in results.items():
-            pts = [(r["round"], r[key]) for r in res["history"] if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), label=label, marker="o" if key[0] == "t" and
-                        len(pts) < 40 else None)
-        ax.set_xlabel("round")
-        ax.set_ylabel(ylabel)
-        if key == "train_loss" and ax.has_data():
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        written.append(fname)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels = list(results)
-    ax.boxplot([results[k]["client_accuracy"] for k in labels], showmeans=True)
-    ax.set_xticks(range(1, len(labels) + 1), labels)
-    ax.set_ylabel("per-client test accuracy")
-    ax.set_title("accuracy distribution over clients (final model)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "client_accuracy.png", dpi=110)
-    plt.close(fig)
-    written.append("client_accuracy.png")
-    return written
-
-
 def _table(results: dict[str, dict[str, Any]]) -> str:
     head = (f"{'algorithm':<14}{'test acc':>9}{'client p10':>11}{'client mean':>12}"
             f"{'train loss':>11}{'wall s':>8}")
@@ -595,7 +554,7 @@ def run_experiment(
         label: _run_one(experiment, label, out, starts[label], progress=progress)
         for label in experiment.algorithms
     }
-    plots = _plots(out, results)
+    plots = plots_lib.write_experiment_plots(out, results, cfg)
     summary = {
         "config": cfg,
         "environment": _environment(),

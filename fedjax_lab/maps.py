@@ -5,16 +5,16 @@ A :class:`~fedjax_lab.ClientMap` has ``apply(fn, shared, xs) -> (summed, stacked
 axis ``C``); ``to_sum`` is added over the cohort and ``to_stack`` comes back ``[C, ...]``. All
 maps give the same result up to float summation order:
 
-==============  ==============================================================================
-``vmap()``      every client at once (batched matmuls): the fast path on GPU/TPU.
+================  ==============================================================================
+``vmap()``        every client at once (batched matmuls): the fast path on GPU/TPU.
 ``sequential()``  a ``lax.scan`` over clients with a running sum: one client's memory; the fast
-                path on CPU.
-``chunked(n)``  a scan over chunks of ``n`` vmapped clients, running sum: memory bounded by
-                ``n`` clients whatever the cohort.
-``sharded(m)``  ``shard_map`` over a 1-D mesh of all devices (every process's, under
-                ``jax.distributed``), map ``m`` on each device, ``psum`` of the sums.
-``auto()``      picks one of the above per backend, device count and cohort (see :func:`choose`).
-==============  ==============================================================================
+                  path on CPU.
+``chunked(n)``    a scan over chunks of ``n`` vmapped clients, running sum: memory bounded by
+                  ``n`` clients whatever the cohort.
+``sharded(m)``    ``shard_map`` over a 1-D mesh of all devices (every process's, under
+                  ``jax.distributed``), map ``m`` on each device, ``psum`` of the sums.
+``auto()``        picks one of the above per backend, device count and cohort (see :func:`choose`).
+================  ==============================================================================
 
 Factories are cached, so ``chunked(8) is chunked(8)`` and a jitted round is not recompiled for
 an equal map.

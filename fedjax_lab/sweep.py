@@ -25,6 +25,7 @@ from fedjax_lab import _scan
 from fedjax_lab import maps as maps_lib
 from fedjax_lab._types import ClientMap, ClientSampler, FederatedAlgorithm, Params, PRNGKey
 from fedjax_lab.data._federated import FederatedData
+from fedjax_lab.plots import write_sweep_plot
 
 __all__ = ["grid", "run_sweep_config", "sweep"]
 
@@ -267,40 +268,10 @@ def run_sweep_config(
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    _heatmap(out / "sweep.png", rows, list(table), algorithm)
+    write_sweep_plot(out / "sweep.png", rows, list(table), algorithm, config=cfg)
     best = max(rows, key=lambda r: r["test_accuracy"])
     print(f"{len(rows)} runs ({len(rows) // len(seeds)} configurations x {len(seeds)} seeds); "
           f"best test accuracy {best['test_accuracy']:.4f} at "
           + ", ".join(f"{k}={best[k]:g}" for k in table), file=sys.stderr)
     print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}")
     return rows
-
-
-def _heatmap(path: Path, rows: list[dict[str, Any]], names: list[str], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ys = sorted({r[names[0]] for r in rows})
-    xs = sorted({r[names[1]] for r in rows}) if len(names) > 1 else [None]
-    acc = np.full((len(ys), len(xs)), np.nan)
-    for i, y in enumerate(ys):
-        for j, x in enumerate(xs):
-            vals = [r["test_accuracy"] for r in rows
-                    if r[names[0]] == y and (x is None or r[names[1]] == x)]
-            acc[i, j] = np.mean(vals)
-    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 3, 0.8 * len(ys) + 2))
-    im = ax.imshow(acc, cmap="viridis", origin="lower", aspect="auto")
-    for i in range(len(ys)):
-        for j in range(len(xs)):
-            ax.text(j, i, f"{acc[i, j]:.3f}", ha="center", va="center", color="w", fontsize=9)
-    ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
-    ax.set_ylabel(names[0])
-    ax.set_xticks(range(len(xs)), [f"{x:g}" if x is not None else "" for x in xs])
-    ax.set_xlabel(names[1] if len(names) > 1 else "")
-    ax.set_title(f"{title}: final test accuracy (mean over seeds)")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -13,9 +13,18 @@ from pathlib import Path
 
 import nbformat
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 HERE = Path(__file__).resolve().parent
 
-REPO_URL = "https://github.com/fedjax-lab/fedjax_lab"
+# The install source of the Colab cell and the badges: pyproject's [project.urls] Repository.
+REPO_URL = tomllib.loads((HERE.parent / "pyproject.toml").read_text())["project"]["urls"][
+    "Repository"
+].rstrip("/")
+GITHUB_PATH = REPO_URL.removeprefix("https://github.com/")
 
 INSTALL = f'''\
 try:
@@ -35,7 +44,7 @@ def code(text: str) -> tuple[str, str]:
 def colab_badge(name: str) -> str:
     return (
         f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-        f"(https://colab.research.google.com/github/fedjax-lab/fedjax_lab/blob/main/notebooks/"
+        f"(https://colab.research.google.com/github/{GITHUB_PATH}/blob/main/notebooks/"
         f"{name}.ipynb)"
     )
 
