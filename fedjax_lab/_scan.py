@@ -222,6 +222,10 @@ def prepare_run(
     sampling._check_population(train_data, cohort_size)
     if (eval_fn is None) != (eval_data is None):
         raise ValueError("eval_fn, eval_data: give both to evaluate during training, or neither.")
+    if eval_fn is not None:
+        from fedjax_lab.models import check_data
+
+        check_data(eval_fn, eval_data)
 
     max_client_size = int(np.max(train_data.client_sizes))
     num_steps = sampling.num_local_steps(

@@ -136,6 +136,10 @@ class FederatedAlgorithm(NamedTuple):
         error-feedback compression may take over its aggregation (see
         :func:`fedjax_lab.algorithms.with_aggregator`). ``False`` for algorithms whose clients
         send more than the delta (SCAFFOLD's ``(Δx, Δc)``, FedNova's ``(d, a)``, ...).
+      check_data: ``check_data(train_data)`` raises a clear error when the data does not fit
+        the loss (labels out of range, wrong feature shape, a missing key);
+        :func:`fedjax_lab.run_rounds` calls it on the host before compiling. ``None``: nothing
+        to check (a hand-written loss).
     """
 
     init: Callable[..., ServerState]
@@ -144,6 +148,7 @@ class FederatedAlgorithm(NamedTuple):
     server_update: Callable[[ServerState, PyTree, PRNGKey], ServerState]
     name: str = "federated_algorithm"
     update_is_delta: bool = True
+    check_data: Callable[[Any], Any] | None = None
 
 
 class ClientSampler(NamedTuple):

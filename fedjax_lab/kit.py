@@ -9,7 +9,8 @@ composition of existing pieces, as ``optax.adam`` is a ``chain``):
 client side                        :func:`local_training` (the masked local loop with hooks for a
                                    regulariser and a gradient correction), :func:`local_loop`,
                                    :func:`proximal`, :func:`dynamic_regularizer`,
-                                   :func:`client_optimizer`, :func:`client_delta`
+                                   :func:`client_optimizer`, :func:`client_delta`,
+                                   :func:`data_check`
 server side                        :func:`server_state`, :func:`server_optimizer`,
                                    :func:`apply_server_optimizer`, :func:`server_step`
 per-client state                   :func:`zeros_per_client`, :func:`copies_per_client`,
@@ -80,6 +81,7 @@ from fedjax_lab.client import (
     local_training,
     proximal,
 )
+from fedjax_lab.data import _validate
 
 __all__ = [
     "DEFAULT_CLIENT_LEARNING_RATE",
@@ -94,6 +96,7 @@ __all__ = [
     "check_num_clients",
     "check_positive",
     "client_delta",
+    "data_check",
     "client_optimizer",
     "copies_per_client",
     "dynamic_regularizer",
@@ -151,6 +154,8 @@ def check_loss_fn(loss_fn: Any) -> None:
 def check_count(name: str, value: Any, minimum: int = 1, *, optional: bool = False) -> int | None:
     """``value`` as a whole number ``>= minimum``; bools are not counts. Returns it as an int.
 
+    The library's one count check (the data loaders use it too).
+
     Args:
       name: the argument's name (for the message).
       value: the value given.
@@ -164,15 +169,11 @@ def check_count(name: str, value: Any, minimum: int = 1, *, optional: bool = Fal
       ...     check_count("cohort_size", True)
       ... except ValueError as e:
       ...     print(e)
-      cohort_size: need a whole number >= 1, got True.
+      cohort_size: expected a whole number >= 1, got the bool True; pass an int.
     """
     if value is None and optional:
         return None
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if not ok or value < minimum:
-        more = " or None" if optional else ""
-        raise ValueError(f"{name}: need a whole number >= {minimum}{more}, got {value!r}.")
-    return int(value)
+    return _validate.check_count(value, name, minimum=minimum)
 
 
 def check_positive(name: str, value: Any, *, allow_zero: bool = False, hint: str = "") -> None:
@@ -282,6 +283,21 @@ def client_optimizer(
         return optax.sgd(DEFAULT_CLIENT_LEARNING_RATE)
     _check_optimizer("client_optimizer", optimizer, "optax.sgd(0.1)")
     return optimizer
+
+
+def data_check(loss_fn: Any) -> Callable[[Any], Any] | None:
+    """The data check a loss function carries (``loss_fn.check_data``), or ``None``.
+
+    The model zoo's losses (``fl.models.classification_loss(model)``) know their model and check
+    a :class:`~fedjax_lab.data.FederatedData` against it; pass this to
+    ``FederatedAlgorithm(..., check_data=kit.data_check(loss_fn))`` so that
+    :func:`fedjax_lab.run_rounds` refuses unfit data before compiling.
+
+    Example:
+      >>> data_check(lambda p, b, k: 0.0) is None
+      True
+    """
+    return getattr(loss_fn, "check_data", None)
 
 
 def client_delta(server_params: Params, client_params: Params) -> Params:

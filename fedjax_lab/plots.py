@@ -173,7 +173,8 @@ def experiment_figures(
     fig = _figure()
     ax = fig.add_subplot()
     for label, res in results.items():
-        pts = [(r["round"], r["train_loss"]) for r in res.get("history", []) if r.get("train_loss") is not None]
+        pts = [(r["round"], r["train_loss"]) for r in res.get("history", [])
+               if r.get("train_loss") is not None]
         if not pts:
             continue
         rounds, loss = (np.asarray(v, dtype=float) for v in zip(*pts, strict=True))

@@ -299,6 +299,8 @@ def run_rounds(
         )
     if not isinstance(donate_state, bool):
         raise TypeError(f"donate_state: expected True or False, got {donate_state!r}.")
+    if alg.check_data is not None:  # labels, feature shapes and keys against the model
+        alg.check_data(train_data)
     _check_population_size(state, train_data.num_clients)
     static["max_update_norm"] = _check_max_update_norm(max_update_norm)
     state = init_sampler_state(state, static["sampler"], arrays["offsets"])

@@ -18,7 +18,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_quickstart", "02_custom_algorithm", "03_sweeps"]
+NAMES = ["01_quickstart", "02_custom_algorithm", "03_sweeps", "04_stateful_algorithm"]
 CELL_TIMEOUT_S = 300
 
 NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
@@ -120,7 +120,20 @@ def _check_03(nb, text: str) -> None:
     assert _num_images(nb) >= 1
 
 
-CHECKS = {"01_quickstart": _check_01, "02_custom_algorithm": _check_02, "03_sweeps": _check_03}
+def _check_04(nb, text: str) -> None:
+    (diff,) = _numbers(r"over params and control variates: {N}", text)
+    assert diff < 1e-5, text  # the kit-built SCAFFOLD is the library's SCAFFOLD
+    assert "a misspelt key is refused: algorithms[0].aggregator.tua" in text, text
+    accs = dict(re.findall(r"^(my_scaffold|fedadam_clipped): final test accuracy " + NUMBER,
+                           text, re.M))
+    assert set(accs) == {"my_scaffold", "fedadam_clipped"}, text
+    assert all(0.0 <= float(v) <= 1.0 for v in accs.values()), accs
+    cell = next(c.source for c in nb.cells if "def my_scaffold(" in c.source)
+    assert len(cell.splitlines()) <= 40  # a stateful algorithm in one short cell
+
+
+CHECKS = {"01_quickstart": _check_01, "02_custom_algorithm": _check_02, "03_sweeps": _check_03,
+          "04_stateful_algorithm": _check_04}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -111,4 +111,5 @@ def ditto(
 
     server_update = kit.server_step(server_optimizer)
 
-    return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
+    return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
+                              check_data=kit.data_check(loss_fn))

@@ -171,4 +171,4 @@ def fed_au(
                                           optax.tree.scale(1.0 / n, aggregate))
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
-                              update_is_delta=False)
+                              update_is_delta=False, check_data=kit.data_check(loss_fn))

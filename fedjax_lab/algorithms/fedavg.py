@@ -99,7 +99,8 @@ def fed_opt(
                             result.metrics, ())
 
     server_update = kit.server_step(server_optimizer)
-    return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
+    return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
+                              check_data=kit.data_check(loss_fn))
 
 
 @register("fedavg")

@@ -188,4 +188,5 @@ def fed_buff(
         )
         return state._replace(extra=FedBuffState(versions, version))
 
-    return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
+    return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
+                              check_data=kit.data_check(loss_fn))

@@ -219,4 +219,4 @@ def fed_disco(
 
     server_update = kit.server_step(server_optimizer)
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
-                              update_is_delta=False)
+                              update_is_delta=False, check_data=kit.data_check(loss_fn))

@@ -114,4 +114,4 @@ def fed_dyn(
         return averaged._replace(params=params, extra=h)
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
-                              update_is_delta=False)
+                              update_is_delta=False, check_data=kit.data_check(loss_fn))

@@ -130,4 +130,4 @@ def fed_nova(
                                           optax.tree.scale(tau_eff, mean_d))
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
-                              update_is_delta=False)
+                              update_is_delta=False, check_data=kit.data_check(loss_fn))

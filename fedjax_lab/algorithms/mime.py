@@ -130,7 +130,7 @@ def _mime_family(
         return state._replace(extra=extra)
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
-                              update_is_delta=False)
+                              update_is_delta=False, check_data=kit.data_check(loss_fn))
 
 
 _RULE = """

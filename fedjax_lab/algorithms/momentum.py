@@ -118,4 +118,4 @@ def fed_avg_momentum(
         return kit.apply_server_optimizer(state, server_optimizer, mean_delta)._replace(extra=g)
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
-                              update_is_delta=False)
+                              update_is_delta=False, check_data=kit.data_check(loss_fn))

@@ -233,7 +233,8 @@ def _partial(
 
     server_update = kit.server_step(server_optimizer)
 
-    return FederatedAlgorithm(init, client_update, aggregator, server_update, name)
+    return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
+                              check_data=kit.data_check(loss_fn))
 
 
 def _replace_global(params: Params, glob: Sequence[jax.Array], mask: PyTree) -> Params:

@@ -166,4 +166,4 @@ def q_fedavg(
     server_update = kit.server_step(server_optimizer)
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
-                              update_is_delta=False)
+                              update_is_delta=False, check_data=kit.data_check(loss_fn))

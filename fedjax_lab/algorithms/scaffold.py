@@ -129,4 +129,4 @@ def scaffold(
         return kit.apply_server_optimizer(state, server_optimizer, mean_delta)._replace(extra=c)
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
-                              update_is_delta=False)
+                              update_is_delta=False, check_data=kit.data_check(loss_fn))
