@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lab import kit
 from fedjax_lab._round import round_body
 from fedjax_lab._types import ClientSampler, Cohort, PRNGKey, PyTree, ServerState
 from fedjax_lab.data import sampling
@@ -201,17 +202,18 @@ def prepare_run(
         )
     for name, value in [
         ("num_rounds", num_rounds),
+        ("cohort_size", cohort_size),
         ("batch_size", batch_size),
         ("epochs", epochs),
         ("eval_every", eval_every),
         ("eval_batch_size", eval_batch_size),
     ]:
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: need a whole number >= 1, got {value!r}.")
-    if local_steps is not None and (
-        not isinstance(local_steps, (int, np.integer)) or local_steps < 1
-    ):
-        raise ValueError(f"local_steps: need a whole number >= 1 or None, got {local_steps!r}.")
+        if isinstance(value, float):  # counts are whole numbers: 2.0 is a typo too
+            raise ValueError(f"{name}: expected a whole number >= 1, got {value!r}.")
+        kit.check_count(name, value)
+    if isinstance(local_steps, float):
+        raise ValueError(f"local_steps: expected a whole number >= 1 or None, got {local_steps!r}.")
+    kit.check_count("local_steps", local_steps, optional=True)
     if weighting not in ("num_examples", "uniform"):
         raise ValueError(f"weighting: expected 'num_examples' or 'uniform', got {weighting!r}.")
     if sampler is not None and not isinstance(sampler, ClientSampler):

@@ -58,6 +58,8 @@ from fedjax_lab.rounds import run_rounds
 __all__ = ["main", "run_experiment"]
 
 _ROW_KEYS = ("train_loss", "num_examples", "dropped_clients", "round_skipped", "update_norm")
+_SKIP_REASONS = ("skipped_non_finite_update", "skipped_update_norm",
+                 "skipped_non_finite_server_state")
 
 
 def _slug(label: str) -> str:
@@ -99,6 +101,9 @@ def _rows(hist: dict[str, Any], first_round: int) -> list[dict[str, Any]]:
             row[k] = _finite(hist[k][i])
         if not row["num_examples"]:
             row["train_loss"] = None
+        for k in _SKIP_REASONS:  # why a guarded round was refused (only when it was)
+            if k in hist and hist[k][i] > 0:
+                row["skip_reason"] = k[len("skipped_"):]
         for k in ("eval_accuracy", "eval_loss"):
             if k in hist and np.isfinite(hist[k][i]):
                 row["test_" + k[5:]] = float(hist[k][i])
@@ -378,6 +383,7 @@ def _run_one(
             client_map=experiment.client_map,
             weighting=training.get("weighting", "num_examples"),
             sampler=experiment.sampler,
+            max_update_norm=training.get("max_update_norm"),
             eval_fn=experiment.eval_fn,
             eval_data=experiment.test,
             eval_every=block,
@@ -406,6 +412,14 @@ def _run_one(
             )
     bar.close()
     wall = time.perf_counter() - start_wall
+    for reason in ("non_finite_update", "update_norm", "non_finite_server_state"):
+        refused = [r["round"] for r in history if r.get("skip_reason") == reason]
+        if refused:
+            _warn(
+                f"{label}: round(s) {_ranges(refused)} were refused by the guarded server step "
+                f"({reason}): the aggregate or the new server state was not finite (or above "
+                "max_update_norm), so the state was kept as it was before those rounds."
+            )
     idle = [r["round"] for r in history if r.get("train_loss") is None]
     if idle:
         _warn(

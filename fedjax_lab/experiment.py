@@ -131,6 +131,7 @@ _TRAINING = {
     "chunk_size": (int, 1),
     "weighting": (str, None),
     "seed": (int, 0),
+    "max_update_norm": (float, None),
 }
 _EVALUATION = {"every": (int, 1), "batch_size": (int, 1)}
 _CHECKPOINT = {"every": (int, 1), "keep": (int, 1)}
@@ -356,6 +357,11 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"training.weighting: got {training['weighting']!r}; allowed: 'num_examples', "
             "'uniform'."
+        )
+    if "max_update_norm" in training and not 0 < training["max_update_norm"] < math.inf:
+        raise ConfigError(
+            f"training.max_update_norm: need a finite number > 0 (a round whose aggregate is "
+            f"longer is refused), got {training['max_update_norm']!r}."
         )
     sampler = cfg.get("sampler") or {"name": "uniform"}
     if sampler.get("name") not in _SAMPLERS:

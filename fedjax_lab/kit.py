@@ -282,7 +282,35 @@ def client_optimizer(
     if optimizer is None:
         return optax.sgd(DEFAULT_CLIENT_LEARNING_RATE)
     _check_optimizer("client_optimizer", optimizer, "optax.sgd(0.1)")
+    _check_descends(optimizer)
     return optimizer
+
+
+def _check_descends(optimizer: optax.GradientTransformation) -> None:
+    """Its first step on a scalar parameter with gradient 1 must be finite and not uphill.
+
+    That reads the sign and finiteness of the learning rate inside any optax chain (a negative
+    rate ascends, a NaN one drops every client every round). Optimisers that cannot take a
+    scalar, and traced hyper-parameters (sweeps), are not checked.
+    """
+    try:
+        with jax.ensure_compile_time_eval():
+            zero = jnp.zeros((), jnp.float32)
+            step, _ = optimizer.update(jnp.ones((), jnp.float32), optimizer.init(zero), zero)
+            step = float(step)
+    except Exception:  # noqa: BLE001 - a probe only: anything it cannot run is not checked
+        return
+    if not math.isfinite(step):
+        raise ValueError(
+            f"client_optimizer: its first step on a unit gradient is {step} (not finite): is "
+            "its learning rate NaN or inf? Every client would be dropped every round; use a "
+            "finite rate such as optax.sgd(0.1)."
+        )
+    if step > 0:
+        raise ValueError(
+            f"client_optimizer: its first step on a unit gradient is +{step:g}: it ascends "
+            "the loss (a negative learning rate?). Use a positive rate such as optax.sgd(0.1)."
+        )
 
 
 def data_check(loss_fn: Any) -> Callable[[Any], Any] | None:

@@ -199,3 +199,31 @@ def test_eight_sigkills_resume_to_the_uninterrupted_result(tmp_path):
             break
     assert kills == 8
     assert _sha(out) == _sha(ref)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"cohort_size": True}, "cohort_size: expected a whole number >= 1, got the bool True"),
+    ({"local_steps": True}, "local_steps: expected a whole number >= 1, got the bool True"),
+    ({"num_rounds": 2.0}, "num_rounds: expected a whole number >= 1, got 2.0"),
+    ({"max_update_norm": 0.0}, "max_update_norm: need a finite number > 0"),
+    ({"max_update_norm": float("inf")}, "max_update_norm: need a finite number > 0"),
+])
+def test_counts_and_guards_are_checked_before_anything_runs(kwargs, message):
+    alg = fl.algorithms.fed_avg(loss_fn, optax.sgd(0.1))
+    run = {**dict(num_rounds=1, cohort_size=2, batch_size=2), **kwargs}
+    with pytest.raises(ValueError) as e:
+        fl.run_rounds(alg, alg.init(init_params()), DATA, jax.random.key(0), **run)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("optimizer, message", [
+    (optax.sgd(-0.1), "it ascends the loss"),
+    (optax.adam(-1e-3), "it ascends the loss"),
+    (optax.sgd(float("nan")), "not finite"),
+    (optax.chain(optax.clip(1.0), optax.sgd(float("inf"))), "not finite"),
+])
+def test_a_client_optimiser_that_ascends_or_is_not_finite_is_refused(optimizer, message):
+    for name in ("fedavg", "scaffold", "ditto", "mime"):
+        with pytest.raises(ValueError, match=f"client_optimizer: .*{message}"):
+            fl.algorithms.REGISTRY[name](loss_fn, optimizer)
+    fl.algorithms.fed_avg(loss_fn, optax.sgd(0.0))  # a zero rate is legal (warm-up from 0)
