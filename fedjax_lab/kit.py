@@ -8,7 +8,7 @@ composition of existing pieces, as ``optax.adam`` is a ``chain``):
 =================================  ==============================================================
 client side                        :func:`local_training` (the masked local loop with hooks for a
                                    regulariser and a gradient correction), :func:`local_loop`,
-                                   :func:`proximal`, :func:`dynamic_regularizer`,
+                                   :func:`proximal`, :func:`dynamic_regularizer`, :func:`frozen`,
                                    :func:`client_optimizer`, :func:`client_delta`,
                                    :func:`data_check`
 server side                        :func:`server_state`, :func:`server_optimizer`,
@@ -100,6 +100,7 @@ __all__ = [
     "client_optimizer",
     "copies_per_client",
     "dynamic_regularizer",
+    "frozen",
     "gather_clients",
     "local_loop",
     "local_training",
@@ -326,6 +327,32 @@ def data_check(loss_fn: Any) -> Callable[[Any], Any] | None:
       True
     """
     return getattr(loss_fn, "check_data", None)
+
+
+def frozen(
+    optimizer: optax.GradientTransformation, state: PyTree
+) -> optax.GradientTransformation:
+    """``optimizer`` applied with its state FROZEN at ``state`` (the new state is dropped).
+
+    Local steps that mimic a server optimiser (Mime) use the server's momentum or moments
+    without updating them; the frozen transformation itself keeps no state.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> base = optax.chain(optax.ema(0.5, debias=False), optax.sgd(1.0))
+      >>> opt = frozen(base, base.init(jnp.zeros(1)))
+      >>> [float(opt.update(jnp.ones(1), opt.init(jnp.zeros(1)))[0][0]) for _ in range(2)]
+      [-0.5, -0.5]
+    """
+
+    def init(params: Params) -> tuple:
+        del params
+        return ()
+
+    def update(updates, opt_state, params=None):
+        return optimizer.update(updates, state, params)[0], opt_state
+
+    return optax.GradientTransformation(init, update)
 
 
 def client_delta(server_params: Params, client_params: Params) -> Params:

@@ -105,13 +105,8 @@ def _mime_family(
                 direction = optax.tree.where(extra.measured, svrg, g_y)
             return direction, optax.tree.scale(jnp.sum(batch["mask"]), g_x)
 
-        # The base optimiser's update with the server's statistics FROZEN (its new state dropped).
-        statistics = extra.statistics
-        mimicked = optax.GradientTransformation(
-            lambda params: (),
-            lambda d, s, params=None: (base.update(d, statistics, params)[0], s),
-        )
-        train = kit.local_training(loss_fn, mimicked, unroll=unroll, correction=correction)
+        train = kit.local_training(loss_fn, kit.frozen(base, extra.statistics), unroll=unroll,
+                                   correction=correction)
         result = train(x, client.batches, key)
         full_grad = optax.tree.scale(
             1.0 / jnp.maximum(result.metrics["num_examples"], 1.0), result.stats
