@@ -359,3 +359,110 @@ def test_resume_on_another_device_count_is_refused_or_continued_explicitly(tmp_p
                  "devices": 2},
         "to": {"client_map": "sequential()", "backend": "cpu", "devices": 1},
     }]
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None, timeout: int = 240):
+    return subprocess.run([sys.executable, "-m", "fedjax_lab.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env or dict(os.environ))
+
+
+def test_help_and_version_answer_without_loading_jax():
+    from fedjax_lab import __version__
+
+    res = _cli(["--help"])
+    assert res.returncode == 0, res.stderr
+    assert "usage: fedjax-lab" in res.stdout and "fedjax-lab run --out runs/default" in res.stdout
+    assert "``" not in res.stdout  # plain text, no reST markup
+    res = _cli(["run", "--help"])
+    assert res.returncode == 0 and "--devices N" in res.stdout and "--resume" in res.stdout
+    assert "example:" in res.stdout and "``" not in res.stdout
+    res = _cli(["--version"])
+    assert res.returncode == 0 and res.stdout.strip() == f"fedjax-lab {__version__}"
+    res = _cli(["run"])  # argparse names the missing argument
+    assert res.returncode == 2 and "--out" in res.stderr
+    code = ("import sys, fedjax_lab, fedjax_lab.cli; fedjax_lab.__version__; "
+            "fedjax_lab.cli._parser(); "
+            "print(sorted(m for m in ('jax', 'numpy', 'fedjax_lab.experiment') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_lazy_package_keeps_every_public_name():
+    import fedjax_lab as fl
+
+    assert set(fl.__all__) <= set(dir(fl))
+    for name in fl.__all__:
+        assert getattr(fl, name) is not None, name
+    assert fl.run_sweep is fl.sweep.sweep and fl.FederatedData is fl.data.FederatedData
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        fl.nope  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "requested, environ, want_line, want_flags",
+    [
+        (None, {}, "devices: 2 CPU devices (one per core; --devices 1 to disable)",
+         "--xla_force_host_platform_device_count=2"),
+        (1, {}, "devices: 1 CPU device (--devices 1)", None),
+        (3, {}, "devices: 3 CPU devices (--devices)", "--xla_force_host_platform_device_count=3"),
+        (None, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+         "XLA_FLAGS is set, left as it is", "--xla_force_host_platform_device_count=4"),
+        (1, {"XLA_FLAGS": "--a=1 --xla_force_host_platform_device_count=4"},
+         "devices: 1 CPU device (--devices 1)", "--a=1"),
+        (None, {"JAX_PLATFORMS": "cuda"}, "not splitting the host CPU (JAX_PLATFORMS=cuda", None),
+        (None, {"JAX_PLATFORMS": "cpu"}, "devices: 2 CPU devices",
+         "--xla_force_host_platform_device_count=2"),
+    ],
+)
+def test_cli_chooses_one_device_per_core_unless_told(requested, environ, want_line, want_flags):
+    line = cli._choose_devices(requested, environ, cores=2)
+    assert want_line in line, line
+    assert environ.get("XLA_FLAGS") == want_flags
+    with pytest.raises(ValueError, match="--devices: need a whole number >= 1"):
+        cli._choose_devices(0, {}, cores=2)
+
+
+_DEVICES_SHOWN = """
+import sys
+from fedjax_lab import cli
+code = cli.main(sys.argv[1:])
+import jax
+print("jax devices:", jax.device_count())
+sys.exit(code)
+"""
+
+
+def test_run_uses_the_chosen_devices_and_resumes_with_the_default(tmp_path):
+    """In a subprocess (JAX not loaded yet): the default splits the host; --devices 1 and a
+    preset XLA_FLAGS are honoured; a run on the default devices resumes on the default."""
+    script = tmp_path / "devices.py"
+    script.write_text(_DEVICES_SHOWN)
+    auto = TINY.replace('client_map = "sequential"', 'client_map = "auto"')
+    cfg2, cfg4 = tmp_path / "a2.toml", tmp_path / "a4.toml"
+    cfg2.write_text(auto.format(rounds=2))
+    cfg4.write_text(auto.format(rounds=4))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cores = cli._physical_cores()
+
+    def run(*args, **extra):
+        res = subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                             text=True, timeout=300, env={**env, **extra})
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    out = tmp_path / "run"
+    res = run("run", str(cfg2), "--out", str(out), "--no-progress")
+    assert f"jax devices: {cores}" in res.stdout
+    if cores > 1:
+        assert f"devices: {cores} CPU devices (one per core" in res.stderr
+    res = run("run", str(cfg4), "--out", str(out), "--resume", "--no-progress")
+    assert "resuming from round 2" in res.stderr and f"jax devices: {cores}" in res.stdout
+    summary = json.loads((out / "fedadam" / "summary.json").read_text())
+    assert summary["rounds"] == 4 and "device_changes" not in summary
+    res = run("run", str(cfg2), "--out", str(tmp_path / "one"), "--no-progress", "--devices", "1")
+    assert "jax devices: 1" in res.stdout and "devices: 1 CPU device (--devices 1)" in res.stderr
+    res = run("run", str(cfg2), "--out", str(tmp_path / "three"), "--no-progress",
+              XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    assert "jax devices: 3" in res.stdout and "XLA_FLAGS is set, left as it is" in res.stderr
