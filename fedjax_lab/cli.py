@@ -737,7 +737,47 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="TOML config with a [sweep] table")
     s.add_argument("--out", required=True, metavar="DIR", help="output directory")
     s.add_argument("--rounds", type=int, help="override training.rounds")
+    c = sub.add_parser(
+        "config", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="print the config reference, or write a starter config for an algorithm",
+        description="Print every config section and key with its type, default and allowed "
+                    "values (--reference), or a commented starter config (--init NAME).",
+        epilog="examples:\n  fedjax-lab config --reference\n"
+               "  fedjax-lab config --reference --algorithm fedprox\n"
+               "  fedjax-lab config --init fedprox --out fedprox.toml\n"
+               "  fedjax-lab run fedprox.toml --out runs/fedprox")
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--reference", action="store_true",
+                      help="print every section and key (type, default, allowed values)")
+    what.add_argument("--init", metavar="NAME",
+                      help="print a commented starter config running algorithm NAME")
+    c.add_argument("--algorithm", metavar="NAME",
+                   help="with --reference: only this algorithm's entry")
+    c.add_argument("--out", metavar="FILE", help="with --init: write the config to FILE")
     return p
+
+
+def _config_command(args: argparse.Namespace) -> None:
+    from fedjax_lab import experiment as exp_lib
+
+    if args.reference:
+        if args.out is not None:
+            raise ValueError("--out: only with --init (the reference prints to stdout).")
+        print(exp_lib.reference(args.algorithm), end="")
+        return
+    if args.algorithm is not None:
+        raise ValueError(f"--algorithm: only with --reference; use --init {args.algorithm}.")
+    text = exp_lib.starter_config(args.init)
+    if args.out is None:
+        print(text, end="")
+        return
+    path = Path(args.out)
+    if path.exists():
+        raise ValueError(f"--out: {path} already exists; choose another file (nothing was "
+                         "overwritten).")
+    path.write_text(text)
+    print(f"wrote {path}; run it with: fedjax-lab run {path} --out runs/{args.init}",
+          file=sys.stderr)
 
 
 def _load(path: str | None) -> dict[str, Any] | None:
@@ -760,6 +800,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedjax-lab`` command."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "config":
+            _config_command(args)
+            return 0
         print(_choose_devices(args.devices, os.environ, jax_loaded="jax" in sys.modules),
               file=sys.stderr)
         if args.command == "run":

@@ -466,3 +466,85 @@ def test_run_uses_the_chosen_devices_and_resumes_with_the_default(tmp_path):
     res = run("run", str(cfg2), "--out", str(tmp_path / "three"), "--no-progress",
               XLA_FLAGS="--xla_force_host_platform_device_count=3")
     assert "jax devices: 3" in res.stdout and "XLA_FLAGS is set, left as it is" in res.stderr
+
+
+def test_config_reference_lists_every_section_key_and_algorithm(capsys):
+    import inspect
+
+    import fedjax_lab as fl
+
+    assert cli.main(["config", "--reference"]) == 0
+    text = capsys.readouterr().out
+    for section in ("[data]", "[model]", "[sampler]", "[training]", "[evaluation]",
+                    "[checkpoint]", "[privacy]", "[[algorithms]]", "[sweep]",
+                    *(f"[algorithms.{part}]" for part in exp_lib.PARTS)):
+        assert f"\n{section}" in text, section
+    for section, spec in (("training", exp_lib._TRAINING), ("evaluation", exp_lib._EVALUATION),
+                          ("checkpoint", exp_lib._CHECKPOINT), ("privacy", exp_lib._PRIVACY)):
+        block = text.split(f"\n[{section}]\n")[1].split("\n\n")[0]
+        for key, (kind, _) in spec.items():
+            assert f"  {key}: {kind.__name__}" in block, (section, key)
+    assert "client_map: str = 'auto'; allowed: 'auto', 'chunked'" in text
+    for name in fl.algorithms.REGISTRY:
+        assert f"    {name}: " in text, name
+    for name in (*fl.aggregators.REGISTRY, *fl.attacks.REGISTRY, *fl.compression.REGISTRY,
+                 *fl.server.REGISTRY, *exp_lib._MODELS, *exp_lib._SAMPLERS,
+                 *fl.data.datasets.DATASETS):
+        assert f"name = {name!r}" in text, name
+    assert "``" not in text and ":func:" not in text  # plain text
+    assert cli.main(["config", "--reference", "--algorithm", "fedprox"]) == 0
+    one = capsys.readouterr().out
+    assert one.startswith("[[algorithms]] name = 'fedprox'") and "mu: float = 0.01" in one
+    params = inspect.signature(fl.algorithms.REGISTRY["fedprox"]).parameters
+    for key in set(params) - {"loss_fn", "client_optimizer", "name"}:
+        assert f"      {key}: " in one, key
+    assert "fedadam" not in one
+    code, err = _err(capsys, ["config", "--reference", "--algorithm", "fedprx"])
+    assert code == 2 and "--algorithm: got 'fedprx'; allowed: 'ditto'" in err
+
+
+def test_config_init_writes_a_loadable_starter_for_every_algorithm(tmp_path, capsys):
+    import fedjax_lab as fl
+
+    for name in sorted(fl.algorithms.REGISTRY):
+        path = tmp_path / f"{name}.toml"
+        assert cli.main(["config", "--init", name, "--out", str(path)]) == 0, name
+        assert f"fedjax-lab run {path}" in capsys.readouterr().err
+        cfg = exp_lib.load_config(path)
+        assert [a["name"] for a in cfg["algorithms"]] == [name]
+        assert path.read_text().startswith(f"# fedjax-lab starter config: {name}")
+    assert cli.main(["config", "--init", "fedprox"]) == 0
+    assert "# mu = 0.01" in capsys.readouterr().out
+    again = ["config", "--init", "fedprox", "--out", str(tmp_path / "fedprox.toml")]
+    code, err = _err(capsys, again)
+    assert code == 2 and "already exists" in err
+    code, err = _err(capsys, ["config", "--init", "nope"])
+    assert code == 2 and "--init: got 'nope'; allowed:" in err
+
+
+SWEEPS = sorted(
+    (Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("sweep_*.toml"))
+
+
+def test_shipped_sweep_configs_validate_and_one_runs_via_the_cli(tmp_path):
+    names = {p.stem for p in SWEEPS}
+    assert {"sweep_fedadam", "sweep_fedavg_client_lr", "sweep_fedprox_mu"} <= names
+    axes = set()
+    for path in SWEEPS:
+        cfg = exp_lib.load_config(path)
+        table = dict(cfg["sweep"])
+        alg, seeds = table.pop("algorithm"), table.pop("seeds")
+        assert seeds and table, path
+        base = next(a for a in cfg["algorithms"] if a["name"] == alg)
+        for i in range(max(len(v) for v in table.values())):  # every value is accepted
+            probe = {**base, **{k: v[min(i, len(v) - 1)] for k, v in table.items()}}
+            exp_lib.validate({**cfg, "algorithms": [probe]})
+        axes |= set(table)
+    assert {"client_learning_rate", "server_learning_rate", "mu"} <= axes
+    out = tmp_path / "sweep"
+    path = next(p for p in SWEEPS if p.stem == "sweep_fedprox_mu")
+    assert cli.main(["sweep", str(path), "--out", str(out), "--rounds", "2"]) == 0
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and {float(r["mu"]) for r in rows} == {0.0, 0.001, 0.01, 0.1}
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
