@@ -106,6 +106,7 @@ def _run(args, timeout=240):
     )
 
 
+@pytest.mark.slow
 def test_run_writes_metrics_summary_and_plots_and_refuses_to_overwrite(tmp_path):
     cfg = _write(tmp_path, 4)
     out = tmp_path / "run"
@@ -127,6 +128,7 @@ def test_run_writes_metrics_summary_and_plots_and_refuses_to_overwrite(tmp_path)
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_params(tmp_path):
     """SIGKILL mid-run, --resume, and the final params hash equals an uninterrupted run's."""
     rounds = 12
@@ -272,6 +274,7 @@ def test_a_run_where_no_client_trains_warns_and_reports_null(tmp_path, capsys):
         assert summary["rounds_no_client_trained"] == "1-2"
 
 
+@pytest.mark.slow
 def test_resume_extends_names_config_keys_and_falls_back_past_a_corrupt_step(tmp_path, capsys):
     """A finished 4-round run extended to 6 equals a 6-round run; a forged newest step is left
     in place and the run resumes from the older one, saying so; refusals name what differs."""
@@ -326,6 +329,7 @@ sys.exit(cli.main(["run", sys.argv[1], "--out", sys.argv[2], "--no-progress"]))
 """
 
 
+@pytest.mark.slow
 def test_resume_on_another_device_count_is_refused_or_continued_explicitly(tmp_path, capsys):
     """client_map = "auto" shards over 2 devices; resuming that on 1 device is refused naming
     both setups (before anything compiles), and continues only under --allow-device-change."""
@@ -434,6 +438,7 @@ sys.exit(code)
 """
 
 
+@pytest.mark.slow
 def test_run_uses_the_chosen_devices_and_resumes_with_the_default(tmp_path):
     """In a subprocess (JAX not loaded yet): the default splits the host; --devices 1 and a
     preset XLA_FLAGS are honoured; a run on the default devices resumes on the default."""
