@@ -21,6 +21,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "algorithm_table",
+    "config_reference",
     "api_pages",
 ]
 

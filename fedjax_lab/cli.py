@@ -42,18 +42,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from fedjax_lab import checkpoint as ckpt
-from fedjax_lab import experiment as exp_lib
-from fedjax_lab import maps as maps_lib
-from fedjax_lab import metrics as metrics_lib
-from fedjax_lab import plots as plots_lib
-from fedjax_lab.rounds import run_rounds
+# Nothing heavy at module level: --help, --version and argument errors answer without loading
+# JAX. The commands import it, after choosing the host devices (see choose_devices).
+if TYPE_CHECKING:
+    from fedjax_lab import experiment as exp_lib
 
 __all__ = ["main", "run_experiment"]
 
@@ -67,6 +61,8 @@ def _slug(label: str) -> str:
 
 
 def _environment() -> dict[str, Any]:
+    import jax
+
     from fedjax_lab import __version__
 
     return {
@@ -92,6 +88,9 @@ def _rows(hist: dict[str, Any], first_round: int) -> list[dict[str, Any]]:
     (``num_examples == 0``: every sampled client was dropped) has ``train_loss`` ``None``
     whatever the engine reported for it, never ``0.0``.
     """
+    import jax
+    import numpy as np
+
     hist = jax.device_get(hist)
     n = len(hist["train_loss"])
     rows = []
@@ -142,6 +141,10 @@ def _ranges(rounds: list[int]) -> str:
 
 def _execution(experiment: exp_lib.Experiment) -> dict[str, Any]:
     """The setup the rounds run on: what decides their float rounding besides the config."""
+    import jax
+
+    from fedjax_lab import maps as maps_lib
+
     client_map = experiment.client_map
     if client_map is maps_lib.auto():
         client_map = maps_lib.choose(experiment.config["training"]["cohort_size"])
@@ -204,6 +207,10 @@ def _uncommitted(tree: Any) -> Any:
     A restored array is committed to the device it was read onto; next to the engine's
     replicated params on several devices, jit would refuse it ("incompatible devices").
     """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
 
     def one(x: Any) -> Any:
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -239,6 +246,10 @@ def _start(
     Runs before anything compiles, for every algorithm of the config, so a refused resume of
     the last one does not cost the training of the first ones.
     """
+    import jax
+
+    from fedjax_lab import checkpoint as ckpt
+
     cfg = experiment.config
     alg = experiment.algorithms[label]
     run_dir = out / _slug(label)
@@ -345,7 +356,13 @@ def _run_one(
     progress: bool,
 ) -> dict[str, Any]:
     """Runs one algorithm of the experiment from ``start`` with checkpoints; returns its summary."""
+    import numpy as np
     from tqdm.auto import tqdm
+
+    from fedjax_lab import checkpoint as ckpt
+    from fedjax_lab import experiment as exp_lib
+    from fedjax_lab import metrics as metrics_lib
+    from fedjax_lab.rounds import run_rounds
 
     cfg = experiment.config
     training, evaluation, checkpointing = cfg["training"], cfg["evaluation"], cfg["checkpoint"]
@@ -497,6 +514,8 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
 
 def _prepare_out(out: str | os.PathLike) -> Path:
     """``out`` as a directory this process can write, or a ``ConfigError`` naming it."""
+    from fedjax_lab import experiment as exp_lib
+
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise exp_lib.ConfigError(
@@ -539,6 +558,11 @@ def run_experiment(
     Example (not run here: it trains):
       ``fl.cli.run_experiment(None, "runs/default")``
     """
+    import jax
+
+    from fedjax_lab import experiment as exp_lib
+    from fedjax_lab import plots as plots_lib
+
     cfg = exp_lib.validate(config or {})
     if rounds is not None:
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -582,12 +606,131 @@ def run_experiment(
     return summary
 
 
+_DESCRIPTION = """\
+Federated learning on JAX: run an experiment config, show progress, write metrics, checkpoints
+and plots.
+
+examples:
+  fedjax-lab run --out runs/default                 # the default experiment (digits, 300 rounds)
+  fedjax-lab run experiments/configs/fedprox.toml --out runs/fedprox
+  fedjax-lab run CONFIG --out DIR --resume          # continue an interrupted run
+  fedjax-lab sweep experiments/configs/sweep_fedadam.toml --out runs/sweep
+"""
+
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                        "jax_rocm7_plugin", "jax_plugins", "libtpu")
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _physical_cores() -> int:
+    """The physical cores this process may run on (hyper-threads of one core count once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def _accelerator(environ: dict[str, str]) -> str | None:
+    """Why JAX may find an accelerator (checked without importing JAX), or ``None``."""
+    import importlib.util
+
+    platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms not in ("", "cpu"):
+        return f"JAX_PLATFORMS={environ['JAX_PLATFORMS']}"
+    if platforms == "cpu":
+        return None
+    for name in _ACCELERATOR_PLUGINS:
+        if importlib.util.find_spec(name) is not None:
+            return f"the {name} package is installed"
+    return None
+
+
+def _choose_devices(
+    requested: int | None,
+    environ: dict[str, str],
+    *,
+    cores: int | None = None,
+    jax_loaded: bool = False,
+) -> str:
+    """Sets ``XLA_FLAGS`` in ``environ`` to split a CPU-only host into XLA devices; says what.
+
+    By default a CPU-only host gets one XLA device per physical core (``cores``, default
+    counted from this process's CPU affinity). ``XLA_FLAGS`` already set, an accelerator that
+    may be present (``JAX_PLATFORMS`` other than ``cpu``, or a CUDA/ROCm/TPU plugin installed),
+    or JAX already loaded (the count is fixed when JAX starts) leave everything as it is.
+    ``requested`` (``--devices N``) asks for N devices; 1 is no split. Returns the line the CLI
+    prints on stderr.
+
+    Example:
+      >>> env = {}
+      >>> _choose_devices(None, env, cores=2)
+      'devices: 2 CPU devices (one per core; --devices 1 to disable)'
+      >>> env["XLA_FLAGS"]
+      '--xla_force_host_platform_device_count=2'
+      >>> _choose_devices(None, {"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true"}, cores=2)
+      'devices: XLA_FLAGS is set, left as it is (--devices N to choose)'
+    """
+    if requested is not None and (isinstance(requested, bool) or requested < 1):
+        raise ValueError(f"--devices: need a whole number >= 1, got {requested!r}.")
+    if jax_loaded:
+        return "devices: JAX is already loaded in this process; using the devices it has"
+    flags = environ.get("XLA_FLAGS", "")
+    if requested is None:
+        if flags.strip():
+            return "devices: XLA_FLAGS is set, left as it is (--devices N to choose)"
+        why = _accelerator(environ)
+        if why is not None:
+            return f"devices: not splitting the host CPU ({why}; an accelerator may be present)"
+        requested = cores if cores is not None else _physical_cores()
+        if requested == 1:
+            return "devices: 1 CPU device (one core)"
+        how = "one per core; --devices 1 to disable"
+    else:
+        how = "--devices"
+    kept = [f for f in flags.split() if not f.startswith(_DEVICE_FLAG)]
+    if requested > 1:
+        kept.append(f"{_DEVICE_FLAG}={requested}")
+    if kept:
+        environ["XLA_FLAGS"] = " ".join(kept)
+    else:
+        environ.pop("XLA_FLAGS", None)
+    if requested == 1:
+        return "devices: 1 CPU device (--devices 1)"
+    return f"devices: {requested} CPU devices ({how})"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedjax-lab", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run an experiment config (default: the README experiment)")
+    from fedjax_lab import __version__
+
+    p = argparse.ArgumentParser(
+        prog="fedjax-lab", description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"fedjax-lab {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    devices = argparse.ArgumentParser(add_help=False)
+    devices.add_argument(
+        "--devices", type=int, metavar="N",
+        help="XLA devices to split a CPU-only host into (default: one per physical core, "
+             "unless XLA_FLAGS is set or an accelerator may be present; 1: no split)")
+    r = sub.add_parser(
+        "run", parents=[devices], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="run an experiment config (default: the digits experiment of the README)",
+        description="Run every [[algorithms]] entry of CONFIG (the default experiment when "
+                    "omitted) and write DIR/summary.json, DIR/<label>/metrics.jsonl, "
+                    "checkpoints and plots.",
+        epilog="example:\n  fedjax-lab run experiments/configs/fedadam.toml --out runs/fedadam "
+               "--rounds 50")
     r.add_argument("config", nargs="?", help="TOML config (omit for the default experiment)")
-    r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--out", required=True, metavar="DIR", help="output directory")
     r.add_argument("--rounds", type=int, help="override training.rounds")
     r.add_argument("--resume", action="store_true",
                    help="continue from the newest intact checkpoint (a corrupt newer one is left "
@@ -598,14 +741,62 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume a checkpoint written with another client map or device count "
                         "(the result then differs from an uninterrupted run in float rounding)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s = sub.add_parser("sweep", help="run the config's [sweep] grid as one compiled program")
+    s = sub.add_parser(
+        "sweep", parents=[devices], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="run the config's [sweep] grid as one compiled program",
+        description="Run every configuration x seed of the config's [sweep] table as one "
+                    "compiled program; write DIR/sweep.csv and DIR/sweep.png.",
+        epilog="example:\n  fedjax-lab sweep experiments/configs/sweep_fedadam.toml "
+               "--out runs/sweep")
     s.add_argument("config", help="TOML config with a [sweep] table")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--out", required=True, metavar="DIR", help="output directory")
     s.add_argument("--rounds", type=int, help="override training.rounds")
+    c = sub.add_parser(
+        "config", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="print the config reference, or write a starter config for an algorithm",
+        description="Print every config section and key with its type, default and allowed "
+                    "values (--reference), or a commented starter config (--init NAME).",
+        epilog="examples:\n  fedjax-lab config --reference\n"
+               "  fedjax-lab config --reference --algorithm fedprox\n"
+               "  fedjax-lab config --init fedprox --out fedprox.toml\n"
+               "  fedjax-lab run fedprox.toml --out runs/fedprox")
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--reference", action="store_true",
+                      help="print every section and key (type, default, allowed values)")
+    what.add_argument("--init", metavar="NAME",
+                      help="print a commented starter config running algorithm NAME")
+    c.add_argument("--algorithm", metavar="NAME",
+                   help="with --reference: only this algorithm's entry")
+    c.add_argument("--out", metavar="FILE", help="with --init: write the config to FILE")
     return p
 
 
+def _config_command(args: argparse.Namespace) -> None:
+    from fedjax_lab import experiment as exp_lib
+
+    if args.reference:
+        if args.out is not None:
+            raise ValueError("--out: only with --init (the reference prints to stdout).")
+        print(exp_lib.reference(args.algorithm), end="")
+        return
+    if args.algorithm is not None:
+        raise ValueError(f"--algorithm: only with --reference; use --init {args.algorithm}.")
+    text = exp_lib.starter_config(args.init)
+    if args.out is None:
+        print(text, end="")
+        return
+    path = Path(args.out)
+    if path.exists():
+        raise ValueError(f"--out: {path} already exists; choose another file (nothing was "
+                         "overwritten).")
+    path.write_text(text)
+    print(f"wrote {path}; run it with: fedjax-lab run {path} --out runs/{args.init}",
+          file=sys.stderr)
+
+
 def _load(path: str | None) -> dict[str, Any] | None:
+    from fedjax_lab import experiment as exp_lib
+
     if path is None:
         return None
     try:
@@ -623,6 +814,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedjax-lab`` command."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "config":
+            _config_command(args)
+            return 0
+        print(_choose_devices(args.devices, os.environ, jax_loaded="jax" in sys.modules),
+              file=sys.stderr)
         if args.command == "run":
             run_experiment(_load(args.config), args.out, rounds=args.rounds,
                            resume=args.resume, resume_from=args.resume_from,
@@ -634,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
             config = _load(args.config)
             _prepare_out(args.out)
             run_sweep_config(config, args.out, rounds=args.rounds)
-    except (exp_lib.ConfigError, ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # ConfigError is a ValueError
         print(f"fedjax-lab: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a file the run reads or writes; the messages above name most

@@ -55,6 +55,8 @@ __all__ = [
     "build",
     "load_config",
     "privacy_spent",
+    "reference",
+    "starter_config",
     "validate",
 ]
 
@@ -783,3 +785,271 @@ def build(config: dict[str, Any]) -> Experiment:
         raise ConfigError(f"sampler: {e}") from e
     return Experiment(cfg, train, test, model, loss_fn, eval_fn, algorithms,
                       client_map_from(cfg["training"]), sampler)
+
+
+# ------------------------------------------------------------------ the config reference
+
+
+_OWN_KEYS = ("name", "label", "client_optimizer", "client_learning_rate")
+_PART_HINT = {
+    "server_optimizer": "an [algorithms.server_optimizer] table",
+    "aggregator": "an [algorithms.aggregator] table",
+}
+_FILE_DATASET_KEYS = {
+    "tff_h5": ("train_path: str (required)", "test_path: str (required)",
+               f"task: str (required); allowed: {_allowed(datasets_lib.TFF_TASKS)}",
+               "seq_len: int", "vocab_size: int (task 'stackoverflow')",
+               "vocab_path: str (task 'stackoverflow')",
+               "max_sentences_per_client: int (task 'stackoverflow')"),
+    "leaf": ("train_path: str (required)", "test_path: str (required)", "seq_len: int"),
+}
+_SPEC_ALLOWED = {
+    ("training", "client_map"): _MAPS,
+    ("training", "weighting"): ("num_examples", "uniform"),
+    ("privacy", "accountant"): _ACCOUNTANTS,
+}
+_SPEC_DEFAULTS = {
+    ("training", "weighting"): "num_examples",
+    ("privacy", "delta"): DEFAULT_DELTA,
+    ("privacy", "accountant"): "rdp",
+}
+
+
+def _plain(text: str) -> str:
+    """Docstring text without reST markup: ``x`` -> x, :func:`~a.b` -> a.b."""
+    import re
+
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "")
+
+
+def _summary(factory) -> str:
+    doc = inspect.getdoc(factory) or ""
+    return _plain(" ".join(doc.split("\n\n")[0].split()))
+
+
+def _param_line(name: str, p: inspect.Parameter, hint: str = "") -> str:
+    kind = p.annotation if p.annotation is not inspect.Parameter.empty else ""
+    if isinstance(kind, type):
+        kind = kind.__name__
+    line = f"{name}: {kind}" if kind else name
+    line += " (required)" if p.default is inspect.Parameter.empty else f" = {p.default!r}"
+    return line + (f"  ({hint})" if hint else "")
+
+
+def _factory_lines(factory, skip: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> list[str]:
+    params = [(k, p) for k, p in inspect.signature(factory).parameters.items()
+              if k not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return [_param_line(k, p) for k, p in params] + list(extra) or ["(no options)"]
+
+
+def _spec_lines(section: str, spec: dict) -> list[str]:
+    defaults = DEFAULT_CONFIG.get(section, {})
+    out = []
+    for key, (kind, minimum) in spec.items():
+        line = f"{key}: {kind.__name__}"
+        default = defaults.get(key, _SPEC_DEFAULTS.get((section, key), _MISSING_DEFAULT))
+        line += " (unset)" if default is _MISSING_DEFAULT else f" = {default!r}"
+        if minimum is not None:
+            line += f"; >= {minimum}"
+        if (section, key) in _SPEC_ALLOWED:
+            line += f"; allowed: {_allowed(_SPEC_ALLOWED[section, key])}"
+        out.append(line)
+    return out
+
+
+_MISSING_DEFAULT = object()
+
+
+def _algorithm_lines(name: str) -> list[str]:
+    factory = REGISTRY[name]
+    lines = [f"{name}: {_summary(factory)}"]
+    for key, p in REGISTRY.options(name, skip=("loss_fn", "client_optimizer")).items():
+        if key in _OWN_KEYS:
+            continue
+        lines.append("    " + _param_line(key, p, _PART_HINT.get(key, "")))
+    return lines
+
+
+def _registry_block(title: str, registry, extra: tuple[str, ...] = ()) -> list[str]:
+    lines = [title]
+    for name in sorted(registry):
+        opts = [_param_line(k, p) for k, p in registry.options(name).items()]
+        lines.append(f"  name = {name!r}: " + ("; ".join(opts + list(extra)) or "(no options)"))
+    return lines
+
+
+def reference(algorithm: str | None = None) -> str:
+    """Every section and key a config accepts, with type, default and allowed values.
+
+    Read from the code itself, so it cannot drift from :func:`validate`: datasets, models,
+    samplers, algorithms and part tables from their registries and factory signatures, the
+    ``[training]``, ``[evaluation]``, ``[checkpoint]`` and ``[privacy]`` keys from the specs
+    :func:`validate` checks against. With ``algorithm``, only that algorithm's entry (its
+    docstring summary and hyper-parameters). ``fedjax-lab config --reference`` prints it.
+
+    Example:
+      >>> print(reference("fedprox").splitlines()[0])
+      [[algorithms]] name = 'fedprox'
+      >>> "mu: float = 0.01" in reference("fedprox")
+      True
+    """
+    common = [
+        "  name: str (required); allowed: " + _allowed(REGISTRY),
+        "  label: str = name (the run's name in outputs; unique per config)",
+        f"  client_optimizer: str = 'sgd'; allowed: {_allowed(_CLIENT_OPTIMIZERS)}",
+        "  client_learning_rate: float = 0.1; > 0",
+        f"  part tables: {', '.join(f'[algorithms.{k}]' for k in PARTS)} (see below)",
+    ]
+    if algorithm is not None:
+        if algorithm not in REGISTRY:
+            raise ConfigError(f"--algorithm: got {algorithm!r}; allowed: {_allowed(REGISTRY)}.")
+        return "\n".join([f"[[algorithms]] name = {algorithm!r}", *common[1:4],
+                          *("  " + line for line in _algorithm_lines(algorithm))]) + "\n"
+    from fedjax_lab import aggregators as aggregators_lib
+    from fedjax_lab import attacks as attacks_lib
+    from fedjax_lab import compression as compression_lib
+    from fedjax_lab import server as server_lib
+    from fedjax_lab.algorithms import with_privacy
+
+    out = ["fedjax-lab config reference: every section and key (type = default; allowed).", ""]
+    out.append(f"name: str = {DEFAULT_CONFIG['name']!r}")
+    out += ["", "[data]",
+            f"  name: str = {DEFAULT_CONFIG['data']['name']!r}; allowed: "
+            + _allowed(tuple(datasets_lib.DATASETS) + _FILE_DATASETS)]
+    for name in sorted(datasets_lib.DATASETS):
+        out.append(f"  name = {name!r}:")
+        out += ["    " + line for line in _factory_lines(datasets_lib.DATASETS[name])]
+    out.append(f"  partition: allowed: {_allowed(datasets_lib.PARTITIONS)}")
+    for name, keys in _FILE_DATASET_KEYS.items():
+        out.append(f"  name = {name!r}:")
+        out += ["    " + k for k in keys]
+    out += ["", "[model]",
+            f"  name: str = {DEFAULT_CONFIG['model']['name']!r}; allowed: {_allowed(_MODELS)}",
+            "  (input_shape, num_classes, vocab_size: inferred from the data when not set)"]
+    for name in sorted(_MODELS):
+        out.append(f"  name = {name!r}:")
+        out += ["    " + line for line in _factory_lines(_MODELS[name])]
+    out += ["", "[sampler]", f"  name: str = 'uniform'; allowed: {_allowed(_SAMPLERS)}"]
+    for name in sorted(_SAMPLERS):
+        out.append(f"  name = {name!r}:")
+        out += ["    " + line for line in _factory_lines(_SAMPLERS[name])]
+    for section, spec in (("training", _TRAINING), ("evaluation", _EVALUATION),
+                          ("checkpoint", _CHECKPOINT), ("privacy", _PRIVACY)):
+        out += ["", f"[{section}]", *("  " + line for line in _spec_lines(section, spec))]
+        if section == "checkpoint":
+            out.append("  (checkpoint.every must be a multiple of evaluation.every)")
+    out += ["", "[[algorithms]] (one table per run)", *common, "  hyper-parameters by name:"]
+    for name in sorted(REGISTRY):
+        out += ["    " + line for line in _algorithm_lines(name)]
+    out += ["", *_registry_block("[algorithms.aggregator]", aggregators_lib.REGISTRY)]
+    out += ["", *_registry_block("[algorithms.attack]", attacks_lib.REGISTRY,
+                                 tuple(f"{k} (selection)" for k in _ATTACK_SELECTION))]
+    out += ["", *_registry_block("[algorithms.compression]", compression_lib.REGISTRY,
+                                 _COMPRESSION_OWN)]
+    out += ["", "[algorithms.privacy] (not with [algorithms.aggregator])"]
+    out += ["  " + line for line in _factory_lines(with_privacy, skip=("alg",))]
+    out += ["", *_registry_block("[algorithms.server_optimizer]", server_lib.REGISTRY),
+            "  rules: list of tables {match = 'regex over the leaf path', name = ..., ...}"]
+    out += ["", "[sweep] (fedjax-lab sweep)",
+            "  algorithm: str = the first [[algorithms]] entry's name",
+            "  seeds: list of int = [training.seed]",
+            "  <hyper-parameter>: list of numbers, one axis each (client_learning_rate, a "
+            "numeric hyper-parameter of the algorithm, e.g. server_learning_rate or mu)"]
+    return "\n".join(out) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def _tomlable(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_tomlable(v) for v in value)
+    return isinstance(value, (bool, int, float, str)) and not (
+        isinstance(value, float) and not math.isfinite(value))
+
+
+# Hyper-parameters without a usable default on the default experiment (digits: 10 classes,
+# client learning rate 0.1); the starter config sets them. The test of starter_config loads the
+# config of every registered algorithm, so a new one that needs an entry here is noticed.
+_STARTER_VALUES = {
+    "feddisco": {"num_classes": (10, "the digits data has 10 classes")},
+    "qffl": {"lipschitz": (10.0, "1 / client_learning_rate")},
+}
+
+
+def starter_config(algorithm: str) -> str:
+    """A commented starter TOML config running ``algorithm`` on the default experiment.
+
+    Every hyper-parameter of the algorithm is listed with its default (commented out), and
+    the text loads with :func:`load_config` as it is. ``fedjax-lab config --init NAME`` prints
+    it (or writes it with ``--out FILE``).
+
+    Example:
+      >>> text = starter_config("fedprox")
+      >>> "# mu = 0.01" in text
+      True
+      >>> validate(tomllib.loads(text))["algorithms"][0]["name"]
+      'fedprox'
+    """
+    if algorithm not in REGISTRY:
+        raise ConfigError(f"--init: got {algorithm!r}; allowed: {_allowed(REGISTRY)}.")
+    d = DEFAULT_CONFIG
+    lines = [
+        f"# fedjax-lab starter config: {algorithm} on the default experiment.",
+        f"# {algorithm}: {_summary(REGISTRY[algorithm])}",
+        f"# Run it:    fedjax-lab run THIS.toml --out runs/{algorithm}",
+        "# Every key: fedjax-lab config --reference",
+        "",
+        f"name = {_toml(algorithm + ' on ' + d['data']['name'])}",
+        "",
+        "[data]",
+        "# name: " + _allowed(tuple(datasets_lib.DATASETS) + _FILE_DATASETS),
+        *(f"{k} = {_toml(v)}" for k, v in d["data"].items()),
+        "",
+        "[model]",
+        "# name: " + _allowed(_MODELS),
+        *(f"{k} = {_toml(v)}" for k, v in d["model"].items()),
+        "",
+        "[training]",
+        "# client_map: " + _allowed(_MAPS),
+        *(f"{k} = {_toml(v)}" for k, v in d["training"].items()),
+        "",
+        "[evaluation]",
+        *(f"{k} = {_toml(v)}" for k, v in d["evaluation"].items()),
+        "",
+        "[checkpoint]",
+        *(f"{k} = {_toml(v)}" for k, v in d["checkpoint"].items()),
+        "",
+    ]
+    if algorithm == "dp_fedavg":
+        lines += ["[privacy]", f"delta = {_toml(DEFAULT_DELTA)}", 'accountant = "rdp"', ""]
+    lines += [
+        "[[algorithms]]",
+        f"name = {_toml(algorithm)}",
+        "# client_optimizer: " + _allowed(_CLIENT_OPTIMIZERS),
+        'client_optimizer = "sgd"',
+        "client_learning_rate = 0.1",
+        "# hyper-parameters, at their defaults (uncomment to change):",
+    ]
+    for key, p in REGISTRY.options(algorithm, skip=("loss_fn", "client_optimizer")).items():
+        if key in _OWN_KEYS:
+            continue
+        kind = p.annotation if isinstance(p.annotation, str) else ""
+        if key in _STARTER_VALUES.get(algorithm, {}):
+            value, why = _STARTER_VALUES[algorithm][key]
+            lines.append(f"{key} = {_toml(value)}  # needed here: {why}")
+        elif p.default is not inspect.Parameter.empty and _tomlable(p.default):
+            lines.append(f"# {key} = {_toml(p.default)}" + (f"  # {kind}" if kind else ""))
+        elif key in _PART_HINT:
+            lines.append(f"# {key}: default none; give {_PART_HINT[key]}")
+        else:
+            lines.append(f"# {key}: {kind or 'value'} (default: none)")
+    return "\n".join(lines) + "\n"

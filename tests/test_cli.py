@@ -106,6 +106,7 @@ def _run(args, timeout=240):
     )
 
 
+@pytest.mark.slow
 def test_run_writes_metrics_summary_and_plots_and_refuses_to_overwrite(tmp_path):
     cfg = _write(tmp_path, 4)
     out = tmp_path / "run"
@@ -127,6 +128,7 @@ def test_run_writes_metrics_summary_and_plots_and_refuses_to_overwrite(tmp_path)
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_params(tmp_path):
     """SIGKILL mid-run, --resume, and the final params hash equals an uninterrupted run's."""
     rounds = 12
@@ -272,6 +274,7 @@ def test_a_run_where_no_client_trains_warns_and_reports_null(tmp_path, capsys):
         assert summary["rounds_no_client_trained"] == "1-2"
 
 
+@pytest.mark.slow
 def test_resume_extends_names_config_keys_and_falls_back_past_a_corrupt_step(tmp_path, capsys):
     """A finished 4-round run extended to 6 equals a 6-round run; a forged newest step is left
     in place and the run resumes from the older one, saying so; refusals name what differs."""
@@ -326,6 +329,7 @@ sys.exit(cli.main(["run", sys.argv[1], "--out", sys.argv[2], "--no-progress"]))
 """
 
 
+@pytest.mark.slow
 def test_resume_on_another_device_count_is_refused_or_continued_explicitly(tmp_path, capsys):
     """client_map = "auto" shards over 2 devices; resuming that on 1 device is refused naming
     both setups (before anything compiles), and continues only under --allow-device-change."""
@@ -359,3 +363,193 @@ def test_resume_on_another_device_count_is_refused_or_continued_explicitly(tmp_p
                  "devices": 2},
         "to": {"client_map": "sequential()", "backend": "cpu", "devices": 1},
     }]
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None, timeout: int = 240):
+    return subprocess.run([sys.executable, "-m", "fedjax_lab.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env or dict(os.environ))
+
+
+def test_help_and_version_answer_without_loading_jax():
+    from fedjax_lab import __version__
+
+    res = _cli(["--help"])
+    assert res.returncode == 0, res.stderr
+    assert "usage: fedjax-lab" in res.stdout and "fedjax-lab run --out runs/default" in res.stdout
+    assert "``" not in res.stdout  # plain text, no reST markup
+    res = _cli(["run", "--help"])
+    assert res.returncode == 0 and "--devices N" in res.stdout and "--resume" in res.stdout
+    assert "example:" in res.stdout and "``" not in res.stdout
+    res = _cli(["--version"])
+    assert res.returncode == 0 and res.stdout.strip() == f"fedjax-lab {__version__}"
+    res = _cli(["run"])  # argparse names the missing argument
+    assert res.returncode == 2 and "--out" in res.stderr
+    code = ("import sys, fedjax_lab, fedjax_lab.cli; fedjax_lab.__version__; "
+            "fedjax_lab.cli._parser(); "
+            "print(sorted(m for m in ('jax', 'numpy', 'fedjax_lab.experiment') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_lazy_package_keeps_every_public_name():
+    import fedjax_lab as fl
+
+    assert set(fl.__all__) <= set(dir(fl))
+    for name in fl.__all__:
+        assert getattr(fl, name) is not None, name
+    assert fl.run_sweep is fl.sweep.sweep and fl.FederatedData is fl.data.FederatedData
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        fl.nope  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "requested, environ, want_line, want_flags",
+    [
+        (None, {}, "devices: 2 CPU devices (one per core; --devices 1 to disable)",
+         "--xla_force_host_platform_device_count=2"),
+        (1, {}, "devices: 1 CPU device (--devices 1)", None),
+        (3, {}, "devices: 3 CPU devices (--devices)", "--xla_force_host_platform_device_count=3"),
+        (None, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+         "XLA_FLAGS is set, left as it is", "--xla_force_host_platform_device_count=4"),
+        (1, {"XLA_FLAGS": "--a=1 --xla_force_host_platform_device_count=4"},
+         "devices: 1 CPU device (--devices 1)", "--a=1"),
+        (None, {"JAX_PLATFORMS": "cuda"}, "not splitting the host CPU (JAX_PLATFORMS=cuda", None),
+        (None, {"JAX_PLATFORMS": "cpu"}, "devices: 2 CPU devices",
+         "--xla_force_host_platform_device_count=2"),
+    ],
+)
+def test_cli_chooses_one_device_per_core_unless_told(requested, environ, want_line, want_flags):
+    line = cli._choose_devices(requested, environ, cores=2)
+    assert want_line in line, line
+    assert environ.get("XLA_FLAGS") == want_flags
+    with pytest.raises(ValueError, match="--devices: need a whole number >= 1"):
+        cli._choose_devices(0, {}, cores=2)
+
+
+_DEVICES_SHOWN = """
+import sys
+from fedjax_lab import cli
+code = cli.main(sys.argv[1:])
+import jax
+print("jax devices:", jax.device_count())
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_run_uses_the_chosen_devices_and_resumes_with_the_default(tmp_path):
+    """In a subprocess (JAX not loaded yet): the default splits the host; --devices 1 and a
+    preset XLA_FLAGS are honoured; a run on the default devices resumes on the default."""
+    script = tmp_path / "devices.py"
+    script.write_text(_DEVICES_SHOWN)
+    auto = TINY.replace('client_map = "sequential"', 'client_map = "auto"')
+    cfg2, cfg4 = tmp_path / "a2.toml", tmp_path / "a4.toml"
+    cfg2.write_text(auto.format(rounds=2))
+    cfg4.write_text(auto.format(rounds=4))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cores = cli._physical_cores()
+
+    def run(*args, **extra):
+        res = subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                             text=True, timeout=300, env={**env, **extra})
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    out = tmp_path / "run"
+    res = run("run", str(cfg2), "--out", str(out), "--no-progress")
+    assert f"jax devices: {cores}" in res.stdout
+    if cores > 1:
+        assert f"devices: {cores} CPU devices (one per core" in res.stderr
+    res = run("run", str(cfg4), "--out", str(out), "--resume", "--no-progress")
+    assert "resuming from round 2" in res.stderr and f"jax devices: {cores}" in res.stdout
+    summary = json.loads((out / "fedadam" / "summary.json").read_text())
+    assert summary["rounds"] == 4 and "device_changes" not in summary
+    res = run("run", str(cfg2), "--out", str(tmp_path / "one"), "--no-progress", "--devices", "1")
+    assert "jax devices: 1" in res.stdout and "devices: 1 CPU device (--devices 1)" in res.stderr
+    res = run("run", str(cfg2), "--out", str(tmp_path / "three"), "--no-progress",
+              XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    assert "jax devices: 3" in res.stdout and "XLA_FLAGS is set, left as it is" in res.stderr
+
+
+def test_config_reference_lists_every_section_key_and_algorithm(capsys):
+    import inspect
+
+    import fedjax_lab as fl
+
+    assert cli.main(["config", "--reference"]) == 0
+    text = capsys.readouterr().out
+    for section in ("[data]", "[model]", "[sampler]", "[training]", "[evaluation]",
+                    "[checkpoint]", "[privacy]", "[[algorithms]]", "[sweep]",
+                    *(f"[algorithms.{part}]" for part in exp_lib.PARTS)):
+        assert f"\n{section}" in text, section
+    for section, spec in (("training", exp_lib._TRAINING), ("evaluation", exp_lib._EVALUATION),
+                          ("checkpoint", exp_lib._CHECKPOINT), ("privacy", exp_lib._PRIVACY)):
+        block = text.split(f"\n[{section}]\n")[1].split("\n\n")[0]
+        for key, (kind, _) in spec.items():
+            assert f"  {key}: {kind.__name__}" in block, (section, key)
+    assert "client_map: str = 'auto'; allowed: 'auto', 'chunked'" in text
+    for name in fl.algorithms.REGISTRY:
+        assert f"    {name}: " in text, name
+    for name in (*fl.aggregators.REGISTRY, *fl.attacks.REGISTRY, *fl.compression.REGISTRY,
+                 *fl.server.REGISTRY, *exp_lib._MODELS, *exp_lib._SAMPLERS,
+                 *fl.data.datasets.DATASETS):
+        assert f"name = {name!r}" in text, name
+    assert "``" not in text and ":func:" not in text  # plain text
+    assert cli.main(["config", "--reference", "--algorithm", "fedprox"]) == 0
+    one = capsys.readouterr().out
+    assert one.startswith("[[algorithms]] name = 'fedprox'") and "mu: float = 0.01" in one
+    params = inspect.signature(fl.algorithms.REGISTRY["fedprox"]).parameters
+    for key in set(params) - {"loss_fn", "client_optimizer", "name"}:
+        assert f"      {key}: " in one, key
+    assert "fedadam" not in one
+    code, err = _err(capsys, ["config", "--reference", "--algorithm", "fedprx"])
+    assert code == 2 and "--algorithm: got 'fedprx'; allowed: 'ditto'" in err
+
+
+def test_config_init_writes_a_loadable_starter_for_every_algorithm(tmp_path, capsys):
+    import fedjax_lab as fl
+
+    for name in sorted(fl.algorithms.REGISTRY):
+        path = tmp_path / f"{name}.toml"
+        assert cli.main(["config", "--init", name, "--out", str(path)]) == 0, name
+        assert f"fedjax-lab run {path}" in capsys.readouterr().err
+        cfg = exp_lib.load_config(path)
+        assert [a["name"] for a in cfg["algorithms"]] == [name]
+        assert path.read_text().startswith(f"# fedjax-lab starter config: {name}")
+    assert cli.main(["config", "--init", "fedprox"]) == 0
+    assert "# mu = 0.01" in capsys.readouterr().out
+    again = ["config", "--init", "fedprox", "--out", str(tmp_path / "fedprox.toml")]
+    code, err = _err(capsys, again)
+    assert code == 2 and "already exists" in err
+    code, err = _err(capsys, ["config", "--init", "nope"])
+    assert code == 2 and "--init: got 'nope'; allowed:" in err
+
+
+SWEEPS = sorted(
+    (Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("sweep_*.toml"))
+
+
+def test_shipped_sweep_configs_validate_and_one_runs_via_the_cli(tmp_path):
+    names = {p.stem for p in SWEEPS}
+    assert {"sweep_fedadam", "sweep_fedavg_client_lr", "sweep_fedprox_mu"} <= names
+    axes = set()
+    for path in SWEEPS:
+        cfg = exp_lib.load_config(path)
+        table = dict(cfg["sweep"])
+        alg, seeds = table.pop("algorithm"), table.pop("seeds")
+        assert seeds and table, path
+        base = next(a for a in cfg["algorithms"] if a["name"] == alg)
+        for i in range(max(len(v) for v in table.values())):  # every value is accepted
+            probe = {**base, **{k: v[min(i, len(v) - 1)] for k, v in table.items()}}
+            exp_lib.validate({**cfg, "algorithms": [probe]})
+        axes |= set(table)
+    assert {"client_learning_rate", "server_learning_rate", "mu"} <= axes
+    out = tmp_path / "sweep"
+    path = next(p for p in SWEEPS if p.stem == "sweep_fedprox_mu")
+    assert cli.main(["sweep", str(path), "--out", str(out), "--rounds", "2"]) == 0
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and {float(r["mu"]) for r in rows} == {0.0, 0.001, 0.01, 0.1}
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
