@@ -3,3 +3,36 @@
 import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import pytest  # noqa: E402
+
+# The slow tier (measured with --durations on a 2-core machine: each ~15 s or more). The quick
+# tier, `pytest -m "not slow"`, still runs at least one test of every file.
+SLOW = {
+    "test_registry_maps.py::test_every_registered_algorithm_agrees_across_client_maps",
+    "test_faults.py::test_eight_sigkills_resume_to_the_uninterrupted_result",
+    "test_examples.py::test_dataset_example_runs_short",
+    "test_rounds.py::test_sharded_map_agrees_on_four_host_devices",
+    "test_gather_in_map.py::test_a_recurrent_model_runs_sharded_over_two_devices",
+    "test_algorithms_ii_tables.py::test_smoke_run_writes_three_tables_with_independently_"
+    "checked_numbers",
+    "test_dp_cli.py::test_run_writes_and_prints_the_epsilon_dp_accounting_computes",
+    "test_notebooks.py::test_notebook_runs",
+    "test_multiprocess.py::test_two_processes_equal_one_process_of_two_devices",
+    "test_host_state.py::test_host_storage_equals_device_storage",
+    "test_reddi_recipes.py::test_emnist_recipe_runs_end_to_end_on_a_tiny_tff_file",
+    "test_benchmarks.py::test_suite_writes_every_field",
+    "test_privacy.py::test_noise_multiplier_for_round_trips",
+    "test_reddi_recipes.py::test_word_lstm_trains_on_stackoverflow_windows",
+    "test_models.py::test_resnet_shapes_groupnorm_and_no_batchnorm",
+    "test_faults.py::test_finite_blow_up_never_freezes_the_server_state",
+    "test_rounds.py::test_client_maps_agree",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        base = getattr(item, "originalname", None) or item.name
+        if f"{item.path.name}::{base}" in SLOW:
+            item.add_marker(pytest.mark.slow)
