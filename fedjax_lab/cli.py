@@ -356,6 +356,7 @@ def _run_one(
     progress: bool,
 ) -> dict[str, Any]:
     """Runs one algorithm of the experiment from ``start`` with checkpoints; returns its summary."""
+    import jax
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -475,7 +476,13 @@ def _run_one(
             summary["epsilon"] = None  # JSON has no infinity; noise_multiplier 0 says why
     np.savetxt(run_dir / "client_accuracy.txt", final["client_accuracy"], fmt="%.6f")
     (run_dir / "summary.json").write_text(_json(summary, indent=2) + "\n")
-    return {"summary": summary, "history": history, "client_accuracy": final["client_accuracy"]}
+    init_key, _ = jax.random.split(jax.random.key(training["seed"]))
+    initial = metrics_lib.evaluate(  # the round-0 point of the accuracy plot
+        experiment.eval_fn, experiment.model.init(init_key), experiment.test,
+        batch_size=evaluation["batch_size"],
+    )
+    return {"summary": summary, "history": history, "client_accuracy": final["client_accuracy"],
+            "initial_eval": initial}
 
 
 def _jsonable(obj: Any) -> Any:
