@@ -22,7 +22,7 @@ import optax
 import fedjax_lab as fl
 
 FAULTS = {0: jnp.nan, 2: jnp.inf, 4: 1e25}
-REQUIRED = {"feddisco": {"num_classes": 10}}
+REQUIRED = {"feddisco": {"num_classes": 10}, "qffl": {"lipschitz": 10.0}}
 ROUNDS, MAX_UPDATE_NORM = 30, 100.0
 
 
@@ -43,12 +43,15 @@ def poisoned(alg: fl.FederatedAlgorithm) -> fl.FederatedAlgorithm:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the rows to this JSON file")
+    parser.add_argument("--names", nargs="*", help="only these registered algorithms")
     args = parser.parse_args()
     train, test = fl.datasets.load("digits", num_clients=20, partition="dirichlet", alpha=0.5)
     model = fl.models.mlp((8, 8, 1), hidden=(32,), num_classes=10)
     loss, metrics = fl.models.classification_loss(model), fl.models.classification_metrics(model)
     rows = []
     for name, factory in sorted(fl.algorithms.REGISTRY.items()):
+        if args.names and name not in args.names:
+            continue
         out = {"algorithm": name}
         for label, wrap in (("poisoned", poisoned), ("clean", lambda a: a)):
             alg = wrap(factory(loss, optax.sgd(0.1), **REQUIRED.get(name, {})))
