@@ -27,6 +27,13 @@ SLOW = {
     "test_models.py::test_resnet_shapes_groupnorm_and_no_batchnorm",
     "test_faults.py::test_finite_blow_up_never_freezes_the_server_state",
     "test_rounds.py::test_client_maps_agree",
+    "test_rounds.py::test_registry_builds_and_runs_every_algorithm",
+    "test_algorithms_i_compare.py::test_smoke_json_structure_and_ranges",
+    "test_no_recompile.py::test_run_rounds_second_call_compiles_nothing",
+    "test_models.py::test_char_lstm_shapes_and_causality",
+    "test_faults.py::test_one_poisoned_client_leaves_the_state_finite_and_training_going",
+    "test_sweep.py::test_sweep_rows_equal_single_runs",
+    "test_cli.py::test_sweep_command_writes_csv_and_heatmap",
 }
 
 
