@@ -34,6 +34,8 @@ SLOW = {
     "test_faults.py::test_one_poisoned_client_leaves_the_state_finite_and_training_going",
     "test_sweep.py::test_sweep_rows_equal_single_runs",
     "test_cli.py::test_sweep_command_writes_csv_and_heatmap",
+    "test_drift_algorithms.py::test_every_client_map_gives_the_same_result",
+    "test_models.py::test_cnn_shapes_and_formulations_agree",
 }
 
 
