@@ -71,13 +71,7 @@ def sign_flip(scale: float = 1.0) -> Attack:
       >>> sign_flip(2.0).poison_update(jnp.ones(2), jnp.bool_(True), jax.random.key(0)).tolist()
       [-2.0, -2.0]
     """
-    factor = -1.0 * scale
-
-    def poison(update, bad, key):
-        del key
-        return optax.tree.where(bad, optax.tree.scale(factor, update), update)
-
-    return Attack(None, poison, "sign_flip")
+    return _scaled(-1.0 * scale, "sign_flip")
 
 
 @REGISTRY.register("scale")
@@ -89,13 +83,17 @@ def scale(scale: float = 10.0) -> Attack:
       >>> scale(10.0).poison_update(jnp.ones(1), jnp.bool_(True), jax.random.key(0)).tolist()
       [10.0]
     """
-    factor = scale
+    return _scaled(scale, "scale")
+
+
+def _scaled(factor: float, name: str) -> Attack:
+    """Malicious clients send ``factor * Δ``."""
 
     def poison(update, bad, key):
         del key
         return optax.tree.where(bad, optax.tree.scale(factor, update), update)
 
-    return Attack(None, poison, "scale")
+    return Attack(None, poison, name)
 
 
 @REGISTRY.register("gaussian")

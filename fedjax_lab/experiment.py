@@ -629,6 +629,12 @@ def _server_optimizer_from(table: dict[str, Any]):
     return server_lib.per_layer([(r["match"], make(r)) for r in rules], make(table))
 
 
+def _built_part(registry, table: dict[str, Any], extra: tuple[str, ...]) -> tuple[Any, dict]:
+    """``registry[name](**options)`` of a part table, and its ``extra`` keys (for the wrapper)."""
+    options = {k: v for k, v in table.items() if k != "name" and k not in extra}
+    return registry[table["name"]](**options), {k: table[k] for k in extra if k in table}
+
+
 def build_algorithm(spec: dict[str, Any], loss_fn: LossFn) -> FederatedAlgorithm:
     """Builds one ``[[algorithms]]`` entry: its registered factory, then its part tables.
 
@@ -665,16 +671,11 @@ def build_algorithm(spec: dict[str, Any], loss_fn: LossFn) -> FederatedAlgorithm
         hp.setdefault("name", label)
     alg = REGISTRY[spec["name"]](loss_fn, client_optimizer=client_optimizer, **hp)
     if "attack" in spec:
-        table = spec["attack"]
-        options = {k: v for k, v in table.items() if k != "name" and k not in _ATTACK_SELECTION}
-        attack = attacks_lib.REGISTRY[table["name"]](**options)
-        selection = {k: table[k] for k in _ATTACK_SELECTION if k in table}
+        attack, selection = _built_part(attacks_lib.REGISTRY, spec["attack"], _ATTACK_SELECTION)
         alg = algorithms_lib.with_attack(alg, attack, **selection)
     if "compression" in spec:
-        table = spec["compression"]
-        options = {k: v for k, v in table.items() if k != "name" and k not in _COMPRESSION_OWN}
-        compressor = compression_lib.REGISTRY[table["name"]](**options)
-        own_opts = {k: table[k] for k in _COMPRESSION_OWN if k in table}
+        compressor, own_opts = _built_part(compression_lib.REGISTRY, spec["compression"],
+                                           _COMPRESSION_OWN)
         alg = algorithms_lib.with_compression(alg, compressor, **own_opts)
     if "aggregator" in spec:
         table = spec["aggregator"]

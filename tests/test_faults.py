@@ -11,12 +11,14 @@ the uninterrupted run's ``params_sha256``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,19 +36,18 @@ ROUNDS = 8
 MAX_UPDATE_NORM = 1e4
 
 
-def poisoned(alg: fl.FederatedAlgorithm) -> fl.FederatedAlgorithm:
-    """``alg`` whose client 0 multiplies its update by ``FAULTS[round]`` in those rounds."""
-    rounds = jnp.asarray(list(FAULTS), jnp.int32)
-    factors = jnp.asarray(list(FAULTS.values()), jnp.float32)
+def _fault_script():
+    path = Path(__file__).resolve().parents[1] / "experiments" / "faults" / "table.py"
+    spec = importlib.util.spec_from_file_location("faults_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def client_update(state, client, key):
-        out = alg.client_update(state, client, key)
-        hit = (client.client_id == 0) & (rounds == state.round)
-        factor = jnp.where(jnp.any(hit), jnp.sum(jnp.where(hit, factors, 0.0)), 1.0)
-        update = jax.tree.map(lambda u: (u * factor).astype(u.dtype), out.update)
-        return out._replace(update=update)
 
-    return alg._replace(client_update=client_update)
+# The poisoning of experiments/faults/table.py: client 0 x FAULTS[round] in those rounds.
+_TABLE = _fault_script()
+poisoned = _TABLE.poisoned
+assert _TABLE.FAULTS == FAULTS  # the table and these tests inject the same faults
 
 
 def population_loss(params) -> float:

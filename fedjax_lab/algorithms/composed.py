@@ -226,11 +226,9 @@ def fed_avg_topk(
       >>> fed_avg_topk(lambda p, b, k: jnp.sum(p ** 2), fraction=0.1).name
       'fedavg_topk'
     """
-    base = fed_avg(loss_fn, client_optimizer, server_optimizer=server_optimizer,
-                   server_learning_rate=server_learning_rate, unroll=unroll)
-    alg = compression_lib.compressed(base, compression_lib.top_k(fraction),
-                                     error_feedback=error_feedback, num_clients=num_clients)
-    return alg._replace(name=name)
+    return _compressed_fed_avg(loss_fn, client_optimizer, compression_lib.top_k(fraction),
+                               error_feedback, num_clients, server_optimizer,
+                               server_learning_rate, unroll, name)
 
 
 @register("fedavg_qsgd")
@@ -256,8 +254,15 @@ def fed_avg_qsgd(
       >>> fed_avg_qsgd(lambda p, b, k: jnp.sum(p ** 2), bits=2).name
       'fedavg_qsgd'
     """
+    return _compressed_fed_avg(loss_fn, client_optimizer, compression_lib.qsgd(bits),
+                               error_feedback, num_clients, server_optimizer,
+                               server_learning_rate, unroll, name)
+
+
+def _compressed_fed_avg(loss_fn, client_optimizer, compressor, error_feedback, num_clients,
+                        server_optimizer, server_learning_rate, unroll, name):
     base = fed_avg(loss_fn, client_optimizer, server_optimizer=server_optimizer,
                    server_learning_rate=server_learning_rate, unroll=unroll)
-    alg = compression_lib.compressed(base, compression_lib.qsgd(bits),
-                                     error_feedback=error_feedback, num_clients=num_clients)
+    alg = compression_lib.compressed(base, compressor, error_feedback=error_feedback,
+                                     num_clients=num_clients)
     return alg._replace(name=name)
