@@ -13,7 +13,8 @@ maps give the same result up to float summation order:
                   ``n`` clients whatever the cohort.
 ``sharded(m)``    ``shard_map`` over a 1-D mesh of all devices (every process's, under
                   ``jax.distributed``), map ``m`` on each device, ``psum`` of the sums.
-``auto()``        picks one of the above per backend, device count and cohort (see :func:`choose`).
+``auto()``        picks one of the above per backend, device count, cohort and model size, from
+                  measurements on GPU/TPU when given (see :func:`choose`).
 ================  ==============================================================================
 
 Factories are cached, so ``chunked(8) is chunked(8)`` and a jitted round is not recompiled for
@@ -28,6 +29,7 @@ is replicated, so each process can read it.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -46,6 +48,7 @@ __all__ = [
     "sequential",
     "sharded",
     "state_sharding",
+    "use_measurements",
     "vmap",
 ]
 
@@ -315,19 +318,29 @@ def sharded(inner: ClientMap | None = None, devices: Sequence | None = None) -> 
 
 
 def choose(
-    cohort_size: int, backend: str | None = None, num_devices: int | None = None
+    cohort_size: int,
+    backend: str | None = None,
+    num_devices: int | None = None,
+    *,
+    num_params: int | None = None,
 ) -> ClientMap:
     """The map :func:`auto` uses for a cohort of ``cohort_size`` clients, and why.
 
     * CPU: :func:`sequential` (per-client matmuls stay plain matmuls; ``vmap`` over diverging
       params was measured ~1.6x slower on these machines), wrapped in :func:`sharded` when
       there are several devices (one device per core doubled throughput).
-    * GPU/TPU: :func:`vmap` (batched matmuls fill the accelerator) up to 1,024 clients a round,
-      :func:`chunked` of 256 above that so activation memory stays bounded, wrapped in
-      :func:`sharded` when there are several devices.
+    * GPU/TPU with measurements (:func:`use_measurements`, written by
+      ``experiments/benchmarks/gpu.py``): the map measured fastest at the nearest measured
+      case, nearest in ``log(cohort_size)`` and, when ``num_params`` is known (``auto()``
+      reads it off the params it is given), ``log(num_params)``; rows of this device kind
+      are preferred over rows of another.
+    * GPU/TPU without measurements: :func:`vmap` (batched matmuls fill the accelerator) up to
+      1,024 clients a round, :func:`chunked` of 256 above that so activation memory stays
+      bounded.
 
-    ``num_devices`` defaults to ``jax.device_count()``: every process's devices, so several
-    processes of one device each are sharded too.
+    Either is wrapped in :func:`sharded` when there are several devices. ``num_devices``
+    defaults to ``jax.device_count()``: every process's devices, so several processes of one
+    device each are sharded too.
 
     Example:
       >>> choose(100, backend="cpu", num_devices=1).name
@@ -340,15 +353,120 @@ def choose(
     if backend == "cpu":
         inner = sequential()
     else:
-        inner = vmap() if cohort_size <= 1024 else chunked(256)
+        inner = _measured(backend, cohort_size, num_params)
+        if inner is None:
+            inner = vmap() if cohort_size <= 1024 else chunked(256)
     if num_devices > 1 and cohort_size >= num_devices:
         return sharded(inner)
     return inner
 
 
+# Rows {"backend", "device_kind", "cohort", "num_params", "best"} that choose() reads.
+_MEASUREMENTS: list[dict] = []
+
+
+def use_measurements(source: str | Sequence[dict] | None) -> int:
+    """Makes :func:`choose` (and so :func:`auto`) pick maps from measured throughput.
+
+    ``source`` is the JSON file ``experiments/benchmarks/gpu.py`` writes (its ``"auto_table"``
+    rows), the rows themselves, or ``None`` to forget every row and go back to the fixed
+    rule. Each row is ``{"backend", "device_kind", "cohort", "num_params", "best"}``, where
+    ``best`` names the fastest map (``"vmap()"``, ``"sequential()"``, ``"chunked(n)"``).
+    The environment variable ``FEDJAX_LAB_MAP_MEASUREMENTS`` (a path) is read the same way
+    when this module is imported. A choice is made when a round is traced: call this before
+    the first round of a run.
+
+    Returns:
+      The number of rows now in use.
+
+    Example:
+      >>> rows = [{"backend": "gpu", "device_kind": "any", "cohort": 100,
+      ...          "num_params": 1000, "best": "chunked(25)"}]
+      >>> use_measurements(rows)
+      1
+      >>> choose(120, backend="gpu", num_devices=1).name
+      'chunked(25)'
+      >>> use_measurements(None)
+      0
+    """
+    if source is None:
+        _MEASUREMENTS.clear()
+        return 0
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        import json
+
+        with open(source) as f:
+            loaded = json.load(f)
+        rows = loaded.get("auto_table") if isinstance(loaded, dict) else loaded
+        if rows is None:
+            raise ValueError(
+                f"source: {source!s} has no 'auto_table'; pass the JSON file that "
+                "experiments/benchmarks/gpu.py writes."
+            )
+    else:
+        rows = list(source)
+    checked = []
+    for i, row in enumerate(rows):
+        missing = {"backend", "cohort", "best"} - set(row)
+        if missing:
+            raise ValueError(
+                f"source: row {i} lacks {sorted(missing)}; each row needs backend, cohort, "
+                "best (and optionally device_kind, num_params)."
+            )
+        _parse_map(row["best"])  # fails early on an unknown name
+        checked.append(dict(row))
+    _MEASUREMENTS[:] = checked
+    return len(_MEASUREMENTS)
+
+
+def _parse_map(name: str) -> ClientMap:
+    import re
+
+    if name in ("vmap", "vmap()"):
+        return vmap()
+    if name in ("sequential", "sequential()"):
+        return sequential()
+    m = re.fullmatch(r"chunked\((\d+)\)", name)
+    if m:
+        return chunked(int(m.group(1)))
+    raise ValueError(
+        f"best: unknown map {name!r}; expected 'vmap()', 'sequential()' or 'chunked(n)'."
+    )
+
+
+def _measured(backend: str, cohort_size: int, num_params: int | None) -> ClientMap | None:
+    rows = [r for r in _MEASUREMENTS if r["backend"] == backend]
+    if not rows:
+        return None
+    try:
+        kind = jax.devices(backend)[0].device_kind
+    except RuntimeError:  # the backend is not present here: any measured kind will do
+        kind = None
+    same_kind = [r for r in rows if r.get("device_kind") == kind]
+    rows = same_kind or rows
+
+    def distance(row):
+        d = abs(np.log(max(row["cohort"], 1)) - np.log(max(cohort_size, 1)))
+        if num_params and row.get("num_params"):
+            d += abs(np.log(row["num_params"]) - np.log(num_params))
+        return d
+
+    best = min(rows, key=distance)
+    return _parse_map(best["best"])
+
+
+def _num_params(shared: PyTree) -> int | None:
+    """The model size read off the round's shared input (the server state's params)."""
+    first = shared[0] if isinstance(shared, tuple) and shared else shared
+    params = getattr(first, "params", None)
+    if params is None:
+        return None
+    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
 @functools.cache
 def auto() -> ClientMap:
-    """Chooses the map at trace time from the backend, device count and cohort size.
+    """Chooses the map at trace time from the backend, device count, cohort and model size.
 
     See :func:`choose` for the rule and the measurements behind it.
 
@@ -360,7 +478,8 @@ def auto() -> ClientMap:
     """
 
     def apply(fn: Callable, shared: PyTree, xs: PyTree) -> tuple[PyTree, PyTree]:
-        return choose(_cohort_size(xs)).apply(fn, shared, xs)
+        chosen = choose(_cohort_size(xs), num_params=_num_params(shared))
+        return chosen.apply(fn, shared, xs)
 
     return ClientMap(apply, "auto()")
 
@@ -380,3 +499,7 @@ def resolve(client_map: ClientMap | None) -> ClientMap:
             f"got {type(client_map).__name__}."
         )
     return client_map
+
+
+if os.environ.get("FEDJAX_LAB_MAP_MEASUREMENTS"):
+    use_measurements(os.environ["FEDJAX_LAB_MAP_MEASUREMENTS"])

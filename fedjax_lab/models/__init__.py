@@ -26,9 +26,11 @@ from fedjax_lab.models._core import (
 )
 from fedjax_lab.models.text import word_lstm
 from fedjax_lab.models.zoo import (
+    COMPUTE_DTYPES,
     Conv2D,
     char_lstm,
     cnn,
+    compute_dtype,
     logistic_regression,
     mlp,
     num_params,
@@ -36,6 +38,7 @@ from fedjax_lab.models.zoo import (
 )
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "CONV_FORMULATIONS",
     "Conv2D",
     "Model",
@@ -45,6 +48,7 @@ __all__ = [
     "classification_loss",
     "classification_metrics",
     "cnn",
+    "compute_dtype",
     "conv2d",
     "from_flax",
     "from_nnx",

@@ -77,6 +77,42 @@ def _not_count(value) -> bool:
         return True
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(dtype: str | None) -> jnp.dtype | None:
+    """The layers' compute dtype for a zoo model's ``dtype`` option (``None`` for float32).
+
+    Mixed precision: parameters (the master copy every optimiser, aggregator and checkpoint
+    sees) stay float32; with ``"bfloat16"`` or ``"float16"`` each layer casts its inputs and
+    parameters to that dtype for its matmuls and convolutions, and the logits come back as
+    float32 so the loss and its gradient are computed in float32. ``"float32"`` (the default)
+    adds no cast at all, so results are exactly those of the model without the option.
+
+    Example:
+      >>> compute_dtype("bfloat16")
+      dtype(bfloat16)
+      >>> compute_dtype("float32") is None
+      True
+    """
+    if dtype is None or dtype == "float32":
+        return None
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"dtype: expected one of {', '.join(map(repr, COMPUTE_DTYPES))} (the layers' compute "
+            f"dtype; params stay float32), got {dtype!r}."
+        )
+    return jnp.dtype(dtype)
+
+
+def _input_dtype(dtype: jnp.dtype | None) -> jnp.dtype:
+    return jnp.dtype(jnp.float32) if dtype is None else dtype
+
+
+def _f32(logits: jax.Array) -> jax.Array:
+    return logits if logits.dtype == jnp.float32 else logits.astype(jnp.float32)
+
+
 def _check_positive(value: int, name: str) -> int:
     if _not_count(value) or value <= 0:
         raise ValueError(
@@ -96,21 +132,26 @@ def _check_sizes(values: Sequence[int], name: str) -> tuple[int, ...]:
 class _MLP(nn.Module):
     hidden: tuple[int, ...]
     num_classes: int
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+        x = x.reshape((x.shape[0], -1)).astype(_input_dtype(self.dtype))
         for h in self.hidden:
-            x = nn.relu(nn.Dense(h)(x))
-        return nn.Dense(self.num_classes)(x)
+            x = nn.relu(nn.Dense(h, dtype=self.dtype)(x))
+        return _f32(nn.Dense(self.num_classes, dtype=self.dtype)(x))
 
 
-def logistic_regression(input_shape: Sequence[int], num_classes: int) -> Model:
+def logistic_regression(
+    input_shape: Sequence[int], num_classes: int, *, dtype: str = "float32"
+) -> Model:
     """Multinomial logistic regression: ``logits = flatten(x) @ W + b``.
 
     Args:
       input_shape: shape of one example (flattened by the model).
       num_classes: number of classes.
+      dtype: compute dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (mixed precision:
+        params stay float32, see :func:`fedjax_lab.models.compute_dtype`).
 
     Returns:
       A :class:`Model`; ``apply`` maps ``[B, *input_shape]`` to ``[B, num_classes]``.
@@ -123,12 +164,17 @@ def logistic_regression(input_shape: Sequence[int], num_classes: int) -> Model:
     """
     shape = _check_shape(input_shape)
     num_classes = _check_positive(num_classes, "num_classes")
+    module = _MLP((), num_classes, compute_dtype(dtype))
     spec = ModelSpec(input_shape=shape, num_classes=num_classes)
-    return from_flax(_MLP((), num_classes), jnp.zeros((1, *shape), jnp.float32), spec=spec)
+    return from_flax(module, jnp.zeros((1, *shape), jnp.float32), spec=spec)
 
 
 def mlp(
-    input_shape: Sequence[int], hidden: Sequence[int] = (200, 200), num_classes: int = 10
+    input_shape: Sequence[int],
+    hidden: Sequence[int] = (200, 200),
+    num_classes: int = 10,
+    *,
+    dtype: str = "float32",
 ) -> Model:
     """Fully connected ReLU network on the flattened input.
 
@@ -138,6 +184,8 @@ def mlp(
       input_shape: shape of one example (flattened by the model).
       hidden: widths of the hidden layers.
       num_classes: number of classes.
+      dtype: compute dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (mixed precision:
+        params stay float32, see :func:`fedjax_lab.models.compute_dtype`).
 
     Returns:
       A :class:`Model`; ``apply`` maps ``[B, *input_shape]`` to ``[B, num_classes]``.
@@ -155,8 +203,9 @@ def mlp(
     shape = _check_shape(input_shape)
     hidden = _check_sizes(hidden, "hidden")
     num_classes = _check_positive(num_classes, "num_classes")
+    module = _MLP(hidden, num_classes, compute_dtype(dtype))
     spec = ModelSpec(input_shape=shape, num_classes=num_classes)
-    return from_flax(_MLP(hidden, num_classes), jnp.zeros((1, *shape), jnp.float32), spec=spec)
+    return from_flax(module, jnp.zeros((1, *shape), jnp.float32), spec=spec)
 
 
 class _CNN(nn.Module):
@@ -167,10 +216,11 @@ class _CNN(nn.Module):
     dropout: tuple[float, float]
     padding: str
     conv: str
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = x.reshape((x.shape[0], *self.input_shape)).astype(jnp.float32)
+        x = x.reshape((x.shape[0], *self.input_shape)).astype(_input_dtype(self.dtype))
         if x.ndim == 3:
             x = x[..., None]
         for f in self.features:
@@ -178,9 +228,9 @@ class _CNN(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = nn.Dropout(self.dropout[0], deterministic=not train)(x)
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(nn.Dense(self.dense)(x))
+        x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x))
         x = nn.Dropout(self.dropout[1], deterministic=not train)(x)
-        return nn.Dense(self.num_classes)(x)
+        return _f32(nn.Dense(self.num_classes, dtype=self.dtype)(x))
 
 
 def _dropout_pair(dropout: float | Sequence[float]) -> tuple[float, float]:
@@ -202,6 +252,7 @@ def cnn(
     dropout: float | Sequence[float] = 0.0,
     padding: str = "VALID",
     conv: str = "auto",
+    dtype: str = "float32",
 ) -> Model:
     """The EMNIST CNN of the FedAvg / Adaptive Federated Optimization papers.
 
@@ -223,6 +274,7 @@ def cnn(
     The engine's CPU context is a ``lax.scan`` over local steps under ``lax.map`` over
     clients, where ``canonical_vjp`` is 20x faster than ``lax``. On GPU, cuDNN has no such
     loop-body slow path and plain ``lax`` is the safe choice.
+
     Args:
       input_shape: shape of one example, ``(H, W)`` or ``(H, W, C)`` (flat inputs are reshaped).
       num_classes: number of classes (62 for EMNIST-62).
@@ -231,6 +283,8 @@ def cnn(
       dropout: rate, or ``(after_pool, after_dense)`` rates; active only with ``train=True``.
       padding: ``"VALID"`` (the papers) or ``"SAME"``.
       conv: convolution formulation, see :func:`fedjax_lab.models.conv2d`.
+      dtype: compute dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (mixed precision:
+        params stay float32, see :func:`fedjax_lab.models.compute_dtype`).
 
     Returns:
       A :class:`Model`; ``apply`` maps ``[B, *input_shape]`` to ``[B, num_classes]``.
@@ -257,6 +311,7 @@ def cnn(
         dropout=_dropout_pair(dropout),
         padding=padding,
         conv=conv,
+        dtype=compute_dtype(dtype),
     )
     spec = ModelSpec(input_shape=shape, num_classes=module.num_classes)
     return from_flax(module, jnp.zeros((1, *shape), jnp.float32), spec=spec)
@@ -267,17 +322,23 @@ class _CharLSTM(nn.Module):
     embed: int
     hidden: int
     num_layers: int
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.Embed(self.vocab_size, self.embed)(x.astype(jnp.int32))
+        h = nn.Embed(self.vocab_size, self.embed, dtype=self.dtype)(x.astype(jnp.int32))
         for _ in range(self.num_layers):
-            h = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h)
-        return nn.Dense(self.vocab_size)(h)
+            h = nn.RNN(nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype))(h)
+        return _f32(nn.Dense(self.vocab_size, dtype=self.dtype)(h))
 
 
 def char_lstm(
-    vocab_size: int = 90, embed: int = 8, hidden: int = 256, num_layers: int = 2
+    vocab_size: int = 90,
+    embed: int = 8,
+    hidden: int = 256,
+    num_layers: int = 2,
+    *,
+    dtype: str = "float32",
 ) -> Model:
     """The Shakespeare next-character LSTM (LEAF / Reddi et al.).
 
@@ -291,6 +352,8 @@ def char_lstm(
       embed: embedding width.
       hidden: LSTM width.
       num_layers: number of stacked LSTM layers.
+      dtype: compute dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (mixed precision:
+        params stay float32, see :func:`fedjax_lab.models.compute_dtype`).
 
     Returns:
       A :class:`Model`; ``apply`` maps ``int[B, T]`` to logits ``[B, T, vocab_size]``.
@@ -311,6 +374,7 @@ def char_lstm(
         embed=_check_positive(embed, "embed"),
         hidden=_check_positive(hidden, "hidden"),
         num_layers=_check_positive(num_layers, "num_layers"),
+        dtype=compute_dtype(dtype),
     )
     v = module.vocab_size
     spec = ModelSpec(num_classes=v, input_vocab=v, sequence=True)
