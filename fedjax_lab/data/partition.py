@@ -4,7 +4,9 @@ A *partition* is a ``list`` of ``num_clients`` arrays of example indices (``int6
 client, each sorted ascending. Every partitioner here is deterministic given its keyword-only
 ``seed`` (it draws from ``np.random.default_rng(seed)``), runs on the host in NumPy, and puts
 every example in exactly one client (except :func:`shards` with ``drop_remainder=True``, which
-leaves out the few examples that do not fill a shard).
+leaves out the few examples that do not fill a shard, and :func:`pathological` with fewer
+clients than classes, which leaves out the classes no client drew). :func:`feature_noise` is
+not a partitioner: it perturbs the inputs of a partition's clients.
 :meth:`fedjax_lab.data.FederatedData.from_client_indices` turns a partition into a dataset::
 
     partition = fl.partition.dirichlet(labels, num_clients=100, alpha=0.3, seed=0)
@@ -15,7 +17,11 @@ leaves out the few examples that do not fill a shard).
 | :func:`iid` | none: a random split into equal sizes |
 | :func:`dirichlet` | label skew, tuned by ``alpha`` (Hsu et al. 2019; Yurochkin et al. 2019) |
 | :func:`shards` | pathological label skew: a few label-sorted shards each (McMahan et al. 2017) |
+| :func:`pathological` | exactly ``k`` classes per client (NIID-Bench's ``#C=k``, Li et al. 2022) |
+| :func:`inner_dirichlet` | sizes fixed, each client's label mix Dirichlet (Hsu et al. 2019) |
 | :func:`quantity_skew` | client sizes log-normal or power-law, labels iid |
+| :func:`size_skew` | client sizes growing linearly, quadratically or exponentially, labels iid |
+| :func:`feature_noise` | feature skew: client ``i``'s inputs plus noise of std ``sigma i / C`` |
 | :func:`by_key` | the natural split by writer / speaker / user id |
 | :func:`held_out_clients` | splits a *population* into training and unseen clients |
 
@@ -36,10 +42,14 @@ __all__ = [
     "by_key",
     "by_key_names",
     "dirichlet",
+    "feature_noise",
     "held_out_clients",
     "iid",
+    "inner_dirichlet",
+    "pathological",
     "quantity_skew",
     "shards",
+    "size_skew",
 ]
 
 Partition = list[np.ndarray]
@@ -322,6 +332,278 @@ def quantity_skew(
     owner = np.empty(n, dtype=np.int64)
     owner[rng.permutation(n)] = np.repeat(np.arange(c), sizes)
     return _group(owner, c)
+
+
+# --------------------------------------------------------------------------- k classes each
+def pathological(
+    labels: Any, num_clients: int, classes_per_client: int = 2, *, seed: int = 0
+) -> Partition:
+    """Each client holds exactly ``classes_per_client`` classes (NIID-Bench's ``#C=k``).
+
+    Rule: with ``K`` distinct labels in ascending order, client ``i`` takes class ``i mod K``
+    first (so every class has a holder when ``num_clients >= K``), then ``k - 1`` further
+    distinct classes drawn uniformly at random from the rest. Each class's examples are then
+    shuffled and cut into as many near-equal pieces as the class has holders (sizes differ by
+    at most one), one piece per holder. A class no client drew (only possible when
+    ``num_clients < K``) is left out of the partition.
+
+    Unlike :func:`shards`, which cuts a label-sorted order and so may give a client a shard
+    that straddles two classes, every client here sees exactly ``k`` labels (when each of its
+    classes has at least as many examples as holders).
+
+    Args:
+      labels: 1-D integer array-like, one label per example.
+      num_clients: number of clients.
+      classes_per_client: ``k``, the classes of each client, ``1 <= k <= K``.
+      seed: seed of ``np.random.default_rng``.
+
+    Returns:
+      A list of ``num_clients`` sorted ``int64`` index arrays, pairwise disjoint.
+
+    References:
+      Li, Diao, Chen, He, "Federated Learning on Non-IID Data Silos: An Experimental Study",
+      ICDE 2022 (the ``#C=k`` label-quantity skew).
+
+    Example:
+      >>> import numpy as np
+      >>> import fedjax_lab as fl
+      >>> labels = np.repeat(np.arange(4), 6)                # 4 classes of 6 examples
+      >>> part = fl.data.partition.pathological(labels, 4, classes_per_client=2, seed=0)
+      >>> [len(np.unique(labels[p])) for p in part]
+      [2, 2, 2, 2]
+    """
+    y = _check_labels(labels, "labels")
+    c = _check_int(num_clients, "num_clients", minimum=1)
+    classes = np.unique(y)
+    k = _check_int(classes_per_client, "classes_per_client", minimum=1)
+    if k > classes.size:
+        raise ValueError(
+            f"classes_per_client: {k} is more than the {classes.size} classes in labels; use "
+            f"at most {classes.size}."
+        )
+    rng = _rng(seed)
+    holders: list[list[int]] = [[] for _ in classes]
+    for i in range(c):
+        first = i % classes.size
+        others = np.delete(np.arange(classes.size), first)
+        for j in (first, *rng.choice(others, size=k - 1, replace=False).tolist()):
+            holders[j].append(i)
+    owner = np.full(y.size, -1, dtype=np.int64)
+    for j, cls in enumerate(classes):
+        idx = rng.permutation(np.flatnonzero(y == cls))
+        if holders[j]:
+            sizes = _largest_remainder(np.ones(len(holders[j])), idx.size)
+            owner[idx] = np.repeat(np.asarray(holders[j], np.int64), sizes)
+    return _group(owner, c)
+
+
+# --------------------------------------------------------------------------- inner dirichlet
+def inner_dirichlet(
+    labels: Any,
+    num_clients: int,
+    alpha: float,
+    *,
+    sizes: Any = None,
+    seed: int = 0,
+) -> Partition:
+    r"""Client sizes fixed, each client's label mix drawn from a Dirichlet (Hsu et al. 2019).
+
+    Rule: client ``i`` gets ``sizes[i]`` examples (default: equal sizes, as :func:`iid`) and a
+    class mix ``q_i ~ Dir(alpha * prior)``, ``prior`` the global label frequencies. Examples
+    are then dealt one at a time: a client that still has room, chosen uniformly at random,
+    draws a class from ``q_i`` renormalised over the classes with examples left, and takes a
+    random remaining example of that class. Every client ends with exactly ``sizes[i]``
+    examples; its label mix is ``q_i`` until classes run out (large ``alpha``: close to the
+    global mix; small: one or two classes).
+
+    :func:`dirichlet` instead splits each class over clients, so sizes there are random too.
+
+    Args:
+      labels: 1-D integer array-like, one label per example.
+      num_clients: number of clients ``C``.
+      alpha: Dirichlet concentration, ``> 0``.
+      sizes: ``C`` non-negative client sizes summing to ``len(labels)`` (default equal).
+      seed: seed of ``np.random.default_rng``.
+
+    Returns:
+      A list of ``num_clients`` sorted ``int64`` index arrays, together a permutation of
+      ``arange(len(labels))``, of the given sizes.
+
+    References:
+      Hsu, Qi, Brown, "Measuring the Effects of Non-Identical Data Distribution for Federated
+      Visual Classification", 2019.
+
+    Example:
+      >>> import numpy as np
+      >>> import fedjax_lab as fl
+      >>> labels = np.repeat(np.arange(5), 20)
+      >>> part = fl.data.partition.inner_dirichlet(labels, 4, 0.1, sizes=[10, 20, 30, 40])
+      >>> [len(p) for p in part]
+      [10, 20, 30, 40]
+    """
+    y = _check_labels(labels, "labels")
+    n = y.size
+    c = _check_num_clients(num_clients, n)
+    a = _check_positive_float(alpha, "alpha")
+    if sizes is None:
+        want = np.full(c, n // c, dtype=np.int64)
+        want[: n % c] += 1
+    else:
+        want = np.asarray(sizes)
+        if (
+            want.shape != (c,)
+            or want.dtype.kind not in "iu"
+            or np.any(want < 0)
+            or int(want.sum()) != n
+        ):
+            raise ValueError(
+                f"sizes: need {c} non-negative integers (one per client) summing to the {n} "
+                f"examples; got {sizes!r}."
+            )
+        want = want.astype(np.int64)
+    rng = _rng(seed)
+    classes, y_idx = np.unique(y, return_inverse=True)
+    prior = np.bincount(y_idx) / n
+    mix = rng.dirichlet(a * prior, size=c)
+    pools = [list(rng.permutation(np.flatnonzero(y_idx == j))) for j in range(classes.size)]
+    left = np.array([len(p) for p in pools], dtype=np.float64)
+    room = want.copy()
+    owner = np.empty(n, dtype=np.int64)
+    open_clients = [i for i in range(c) if room[i] > 0]
+    while open_clients:
+        pos = int(rng.integers(len(open_clients)))
+        i = open_clients[pos]
+        p = mix[i] * (left > 0)
+        if p.sum() <= 0:  # its classes ran out: any class with examples left
+            p = (left > 0).astype(np.float64)
+        j = int(rng.choice(classes.size, p=p / p.sum()))
+        owner[pools[j].pop()] = i
+        left[j] -= 1
+        room[i] -= 1
+        if room[i] == 0:
+            open_clients[pos] = open_clients[-1]
+            open_clients.pop()
+    return _group(owner, c)
+
+
+# --------------------------------------------------------------------------- size skew
+SIZE_SKEWS = ("linear", "square", "exponential")
+
+
+def size_skew(
+    num_examples: int,
+    num_clients: int,
+    kind: str = "linear",
+    *,
+    ratio: float = 100.0,
+    min_size: int = 1,
+    seed: int = 0,
+) -> Partition:
+    """Client sizes that grow linearly, quadratically or exponentially; labels iid.
+
+    Rule: client weights ``w_r`` by rank ``r = 0 .. C - 1``: ``"linear"`` ``r + 1``,
+    ``"square"`` ``(r + 1)**2``, ``"exponential"`` ``ratio**(r / (C - 1))`` (the largest
+    client ``ratio`` times the smallest's weight). The ranks are a random permutation of the
+    clients (client 0 is not always the smallest). Sizes are ``min_size`` plus the rest of
+    the examples in proportion to ``w`` (largest-remainder rounding, so they sum exactly), and
+    the clients are filled from one random permutation of the examples.
+
+    Args:
+      num_examples: number of examples ``N``.
+      num_clients: number of clients ``C``.
+      kind: ``"linear"``, ``"square"`` or ``"exponential"``.
+      ratio: largest-to-smallest weight of ``"exponential"`` (``>= 1``).
+      min_size: least number of examples per client; ``C * min_size <= N``.
+      seed: seed of ``np.random.default_rng``.
+
+    Returns:
+      A list of ``num_clients`` sorted ``int64`` index arrays, together a permutation of
+      ``arange(num_examples)``.
+
+    Example:
+      >>> import fedjax_lab as fl
+      >>> part = fl.data.partition.size_skew(100, 4, "linear", min_size=0, seed=0)
+      >>> sorted(len(p) for p in part)
+      [10, 20, 30, 40]
+    """
+    n = _check_int(num_examples, "num_examples", minimum=1)
+    c = _check_num_clients(num_clients, n)
+    m = _check_min_size(min_size, c, n)
+    rank = np.arange(c, dtype=np.float64)
+    if kind == "linear":
+        w = rank + 1
+    elif kind == "square":
+        w = (rank + 1) ** 2
+    elif kind == "exponential":
+        r = _check_float(ratio, "ratio")
+        if r < 1:
+            raise ValueError(f"ratio: the largest-to-smallest weight must be >= 1, got {r}.")
+        w = r ** (rank / max(c - 1, 1))
+    else:
+        raise ValueError(f"kind: expected one of {', '.join(map(repr, SIZE_SKEWS))}, got {kind!r}.")
+    rng = _rng(seed)
+    sizes = np.empty(c, dtype=np.int64)
+    sizes[rng.permutation(c)] = m + _largest_remainder(w, n - c * m)
+    owner = np.empty(n, dtype=np.int64)
+    owner[rng.permutation(n)] = np.repeat(np.arange(c), sizes)
+    return _group(owner, c)
+
+
+# --------------------------------------------------------------------------- feature skew
+def feature_noise(x: Any, partition: Partition, sigma: float, *, seed: int = 0) -> np.ndarray:
+    """Feature-distribution skew: client ``i`` of ``C`` sees its inputs plus noise of std
+    ``sigma * i / C`` (NIID-Bench's noise-based feature imbalance).
+
+    Returns a float copy of ``x`` in which every example of client ``i`` has independent
+    Gaussian noise ``N(0, (sigma * i / C)**2)`` added to each feature; client 0 keeps its
+    inputs exactly, and the noise grows linearly with the client index. Examples no client
+    holds are returned unchanged. Combine with any partitioner (typically :func:`iid`, so that
+    features are the only skew).
+
+    Args:
+      x: inputs ``[N, ...]`` (real-valued).
+      partition: a partition of ``range(N)`` (a list of index arrays).
+      sigma: noise scale of the last client, ``>= 0``.
+      seed: seed of ``np.random.default_rng``.
+
+    Returns:
+      ``x + noise`` with the dtype of ``x`` (``float32`` for integer ``x``).
+
+    References:
+      Li, Diao, Chen, He, "Federated Learning on Non-IID Data Silos: An Experimental Study",
+      ICDE 2022 (noise-based feature imbalance).
+
+    Example:
+      >>> import numpy as np
+      >>> import fedjax_lab as fl
+      >>> x = np.zeros((6, 2), np.float32)
+      >>> part = fl.data.partition.iid(6, 3, seed=0)
+      >>> noisy = fl.data.partition.feature_noise(x, part, sigma=1.0)
+      >>> bool(np.all(noisy[part[0]] == 0)), bool(np.all(noisy[part[2]] != 0))
+      (True, True)
+    """
+    arr = np.asarray(x)
+    if arr.ndim < 1 or arr.dtype.kind not in "iuf":
+        raise ValueError(f"x: need a real-valued array [N, ...], got dtype {arr.dtype}.")
+    s = _check_float(sigma, "sigma")
+    if s < 0:
+        raise ValueError(f"sigma: the noise scale must be >= 0, got {s}.")
+    if not isinstance(partition, (list, tuple)) or not partition:
+        raise ValueError("partition: need a non-empty list of index arrays, one per client.")
+    out = arr.astype(arr.dtype if arr.dtype.kind == "f" else np.float32, copy=True)
+    rng = _rng(seed)
+    c = len(partition)
+    for i, idx in enumerate(partition):
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= out.shape[0]):
+            raise ValueError(
+                f"partition: client {i} holds an index outside [0, {out.shape[0]}) (x has "
+                f"{out.shape[0]} examples)."
+            )
+        if i and idx.size:
+            noise = rng.standard_normal((idx.size, *out.shape[1:])) * (s * i / c)
+            out[idx] = out[idx] + noise.astype(out.dtype)
+    return out
 
 
 # --------------------------------------------------------------------------- natural split
