@@ -202,7 +202,8 @@ class Prefetcher:
 
     def get(self, t: int) -> Any:
         """Item ``t`` on the device (waits for the thread; re-raises its exception)."""
-        if not self._background:
+        if not self._background:  # serially: after the rounds before it, then gather, place
+            jax.block_until_ready([outputs for _, outputs in self._pending])
             return self._produce(t)
         start = time.perf_counter()
         while True:
@@ -265,7 +266,8 @@ class Prefetcher:
 def without_prefetch() -> Iterator[None]:
     """Streamed runs gather and transfer each cohort in the caller's thread, serially.
 
-    The baseline of the overlap measurement in ``experiments/benchmarks/scale.py``.
+    Round ``t + 1``'s cohort is gathered and transferred only once round ``t`` has finished:
+    the baseline of the overlap measurement in ``experiments/benchmarks/scale.py``.
     """
     _PREFETCH["on"] = False
     try:

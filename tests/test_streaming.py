@@ -57,16 +57,18 @@ def test_fedavg_streamed_from_a_memmap_equals_device_data(tmp_path):
     assert 0 < _streaming.last_run["peak_device_bytes"] <= 2 * cohort_bytes
 
 
-@pytest.mark.parametrize("client_states_on", ["device", "host"])
-def test_scaffold_with_a_markov_sampler_streamed_equals_device_data(client_states_on):
-    """Per-client state (device or host resident), padding slots (available 0), eval."""
+def test_scaffold_with_a_markov_sampler_streamed_equals_device_data():
+    """Per-client state on the device or on the host, padding slots (available 0), eval."""
     alg = fl.algorithms.REGISTRY["scaffold"](loss_fn)
     state0 = alg.init(init_params(), num_clients=DATA.num_clients)
-    kw = dict(sampler=fl.data.participation.markov(0.3, 0.5), client_states_on=client_states_on,
-              eval_fn=_eval_fn, eval_data=DATA, eval_every=2)
+    kw = dict(sampler=fl.data.participation.markov(0.3, 0.5), eval_fn=_eval_fn, eval_data=DATA,
+              eval_every=2)
     dev, dev_hist = _run(alg, state0, DATA, **kw)
-    host, host_hist = _run(alg, state0, DATA, data_on="host", **kw)
-    _assert_bitwise_equal((host, host_hist), (dev, dev_hist))
+    for states_on in ("device", "host"):
+        host, host_hist = _run(alg, state0, DATA, data_on="host", client_states_on=states_on, **kw)
+        if states_on == "host":
+            assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host.client_states))
+        _assert_bitwise_equal((host, host_hist), (dev, dev_hist))
     assert np.asarray(dev_hist["available_clients"]).min() < 6  # padding slots happened
     assert np.isnan(host_hist["eval_loss"][0]) and np.isfinite(host_hist["eval_loss"][1])
     moved = [not np.allclose(np.asarray(a), 0.0) for a in jax.tree.leaves(dev.client_states)]
@@ -151,6 +153,12 @@ def test_prefetch_holds_at_most_two_items_and_stops_on_early_exit():
         assert feed.live_bytes <= 2 * 4000
     assert feed.peak_bytes == 2 * 4000  # the next item was transferred during each round
     assert max(loaded) <= 5  # it stopped early: bounded look-ahead, no run to the end
+    assert not [t for t in threading.enumerate() if t.name == "fedjax_lab-prefetch"]
+    with pytest.raises(KeyboardInterrupt):
+        with _streaming.Prefetcher(load, jax.device_put, 50) as feed:
+            feed.get(0)
+            raise KeyboardInterrupt
+    assert feed._thread is None
     assert not [t for t in threading.enumerate() if t.name == "fedjax_lab-prefetch"]
 
 
