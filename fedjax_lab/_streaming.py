@@ -305,9 +305,11 @@ def opener(examples: dict[str, np.ndarray], offsets: np.ndarray, width: int,
     return open_
 
 
-def run_rounds_streamed(alg, client_map, state, key, arrays, static, donate):
-    """The streamed loop with the population's client states (if any) on the device."""
-    examples, offsets = arrays["examples"], np.asarray(arrays["offsets"])
+def run_rounds_streamed(alg, client_map, state, key, arrays, static, donate, stream):
+    """The streamed loop with the population's client states (if any) on the device.
+
+    ``stream`` is :func:`opener`'s ``open``: ``stream(ids_host)`` gives the cohorts' feed.
+    """
     sampler_state, (ids, available) = sample_cohorts(
         state.sampler_state,
         key,
@@ -318,8 +320,7 @@ def run_rounds_streamed(alg, client_map, state, key, arrays, static, donate):
         cohort_size=static["cohort_size"],
     )
     ids_host, available_host = np.asarray(ids), np.asarray(available)
-    placement = cohort_placement(client_map, static["cohort_size"])
-    feed = opener(examples, offsets, static["max_client_size"], placement)(ids_host)
+    feed = stream(ids_host)
     round_fn = _stream_round_jit_donated if donate else _stream_round_jit
     kw = {k: static[k] for k in _ROUND_STATIC[2:]}
     core = state._replace(sampler_state=())

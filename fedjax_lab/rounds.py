@@ -1,7 +1,8 @@
 """Rounds: one round is one jitted XLA program; many rounds are one ``lax.scan``.
 
 The public entry points. The traced round lives in :mod:`fedjax_lab._round`, the device scan
-in :mod:`fedjax_lab._scan` and the host-state loop in :mod:`fedjax_lab._host_rounds`.
+in :mod:`fedjax_lab._scan`, the host-state loop in :mod:`fedjax_lab._host_rounds` and the
+host-streamed data loop in :mod:`fedjax_lab._streaming`.
 """
 
 from __future__ import annotations
@@ -357,7 +358,7 @@ def run_rounds(
                                stream=stream)
     if data_on == "host":
         return _streaming.run_rounds_streamed(
-            alg, client_map, state, key, arrays, static, donate_state
+            alg, client_map, state, key, arrays, static, donate_state, stream
         )
     run = _run_rounds_jit_donated if donate_state else _run_rounds_jit
     return run(alg, client_map, state, key=key, **arrays, **static)
