@@ -7,31 +7,13 @@ is one jitted program fed the cohort's rows of the host-resident per-client stat
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab import _host_state
+from fedjax_lab import _host_state, _streaming
 from fedjax_lab._round import round_core
-from fedjax_lab._scan import data_key, round_cohort, with_eval
-
-
-@functools.partial(jax.jit, static_argnames=("sampler", "num_rounds", "cohort_size"))
-def _sample_cohorts(sampler_state, key, first_round, offsets, *, sampler, num_rounds, cohort_size):
-    """Every round's cohort up front: the sampler's draws do not depend on training."""
-    sizes = offsets[1:] - offsets[:-1]
-
-    def step(sampler_state, t):
-        r = first_round + t
-        k_sample, _ = jax.random.split(data_key(key, r))
-        ids, available, sampler_state = sampler.sample(
-            sampler_state, k_sample, r, cohort_size, sizes
-        )
-        return sampler_state, (ids.astype(jnp.int32), jnp.asarray(available, jnp.float32))
-
-    return jax.lax.scan(step, sampler_state, jnp.arange(num_rounds, dtype=jnp.int32))
+from fedjax_lab._scan import round_cohort, sample_cohorts, with_eval
 
 
 def _host_round_impl(
@@ -57,15 +39,21 @@ def _host_round_impl(
     eval_fn,
     eval_every,
     max_update_norm=None,
+    streamed=False,
 ):
-    """One round with host-resident client states: the cohort's ``rows`` in, new rows out."""
+    """One round with host-resident client states: the cohort's ``rows`` in, new rows out.
+
+    ``streamed``: ``examples`` are the parts of the cohort's own rows (host-streamed data,
+    :mod:`fedjax_lab._streaming`) instead of the population's flat examples.
+    """
     cohort, gathering = round_cohort(
         key,
         state.round,
-        examples,
+        _streaming.joined(examples) if streamed else examples,
         offsets,
         ids,
         available,
+        streamed=streamed,
         num_steps=num_steps,
         batch_size=batch_size,
         max_client_size=max_client_size,
@@ -96,6 +84,7 @@ _HOST_STATIC = (
     "eval_fn",
     "eval_every",
     "max_update_norm",
+    "streamed",
 )
 
 
@@ -107,11 +96,15 @@ _host_round_jit_donated = jax.jit(
 )
 
 
-def run_rounds_host(alg, client_map, state, key, arrays, static, donate):
-    """The host-storage loop: cohorts drawn up front, then one jitted round per round."""
+def run_rounds_host(alg, client_map, state, key, arrays, static, donate, stream=None):
+    """The host-storage loop: cohorts drawn up front, then one jitted round per round.
+
+    ``stream``: with host-streamed data, ``stream(ids_host)`` opens the
+    :class:`~fedjax_lab._streaming.Prefetcher` of every round's cohort rows; else ``None``.
+    """
     store, treedef = _host_state.to_host(state.client_states)
     population = _host_state.population_spec(state.client_states)
-    sampler_state, (ids, available) = _sample_cohorts(
+    sampler_state, (ids, available) = sample_cohorts(
         state.sampler_state,
         key,
         jnp.asarray(state.round, jnp.int32),
@@ -123,10 +116,12 @@ def run_rounds_host(alg, client_map, state, key, arrays, static, donate):
     ids_host, available_host = np.asarray(ids), np.asarray(available)
     core = state._replace(client_states=(), sampler_state=())
     round_fn = _host_round_jit_donated if donate else _host_round_jit
-    kw = {k: static[k] for k in _HOST_STATIC[3:]}
+    kw = {k: static[k] for k in _HOST_STATIC[3:-1]}
     carry = {"state": core}
+    feed = None if stream is None else stream(ids_host)
 
     def dispatch(t, rows, prev_ids, prev_rows):
+        examples = arrays["examples"] if feed is None else feed.get(t)
         try:
             new_core, new_rows, metrics = round_fn(
                 alg,
@@ -137,11 +132,12 @@ def run_rounds_host(alg, client_map, state, key, arrays, static, donate):
                 available_host[t],
                 prev_ids,
                 jax.tree.unflatten(treedef, list(prev_rows)),
-                arrays["examples"],
+                examples,
                 arrays["offsets"],
                 key,
                 arrays["eval_batches"],
                 population=population,
+                streamed=feed is not None,
                 **kw,
             )
         except (TypeError, ValueError) as e:
@@ -150,9 +146,15 @@ def run_rounds_host(alg, client_map, state, key, arrays, static, donate):
                 raise
             raise hint from e
         carry["state"] = new_core
+        if feed is not None:
+            feed.used(examples, metrics)
         return jax.tree.leaves(new_rows), metrics
 
-    history = _host_state.pipelined_rounds(store, ids_host, dispatch)
+    if feed is None:
+        history = _host_state.pipelined_rounds(store, ids_host, dispatch)
+    else:
+        with feed:
+            history = _host_state.pipelined_rounds(store, ids_host, dispatch)
     # Stacked on the host: jnp.stack would compile a program for every num_rounds.
     history = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *jax.device_get(history))
     final = carry["state"]._replace(

@@ -40,7 +40,7 @@ _STATIC = (
 
 
 def round_cohort(
-    key, round_, examples, offsets, ids, available, *, weighting, **shapes
+    key, round_, examples, offsets, ids, available, *, weighting, streamed=False, **shapes
 ) -> tuple[Cohort, dict[str, Any]]:
     """Round ``round_``'s cohort as a plan, and how each client gathers its batches from it.
 
@@ -49,16 +49,34 @@ def round_cohort(
     (``_round_core``'s ``gather``), so the whole cohort's batches never sit in memory at once.
     Returns the cohort (its ``batches`` the ``[C]`` plan) and ``_round_core``'s gathering
     arguments.
+
+    ``streamed``: ``examples`` are not the population's flat examples but the cohort's own
+    rows, ``[C, max_client_size, ...]`` (client ``j``'s examples from row 0, see
+    :func:`fedjax_lab._streaming.cohort_rows`); they join the plan, so a sharded map hands each
+    device only its clients' rows, and each client indexes its rows with the same shuffled
+    positions, so the batches are the same values.
     """
     _, k_batches = jax.random.split(data_key(key, round_))
     plan, weights = sampling.plan_cohort(k_batches, offsets, ids, available, weighting=weighting)
+    cohort_ids = jnp.asarray(ids, jnp.int32)
+    if streamed:
+        plan = dict(plan, rows=examples)
+        gather = functools.partial(_gather_own_rows, **shapes)
+        return Cohort(plan, weights, cohort_ids), {"gather": gather, "gather_data": ()}
     gather = functools.partial(_gather_client, **shapes)
-    cohort = Cohort(plan, weights, jnp.asarray(ids, jnp.int32))
+    cohort = Cohort(plan, weights, cohort_ids)
     return cohort, {"gather": gather, "gather_data": examples}
 
 
 def _gather_client(row, examples, **shapes):
     return sampling.client_batches(**row, examples=examples, **shapes)
+
+
+def _gather_own_rows(row, _, **shapes):
+    """A streamed client's batches from its own rows (its first example at row 0)."""
+    return sampling.client_batches(
+        row["key"], 0, row["size"], row["available"], row["rows"], **shapes
+    )
 
 
 def data_key(key: PRNGKey, round_: jax.Array) -> PRNGKey:
@@ -133,17 +151,52 @@ def scan_rounds(
             state.sampler_state, k_sample, state.round, cohort_size, sizes
         )
         state = state._replace(sampler_state=sampler_state)
-        cohort, gathering = round_cohort(
-            key, state.round, examples, offsets, ids, available, **build
+        return train_round(
+            alg, client_map, state, examples, offsets, ids, available, key, eval_batches,
+            eval_fn=eval_fn, eval_every=eval_every, max_update_norm=max_update_norm, **build
         )
-        state, metrics = round_body(alg, client_map, state, cohort, key,
-                                    max_update_norm=max_update_norm, **gathering)
-        metrics["client_ids"] = cohort.client_ids
-        metrics["available_clients"] = jnp.sum(available)
-        metrics = with_eval(metrics, state.params, state.round, eval_fn, eval_every, eval_batches)
-        return state, metrics
 
     return jax.lax.scan(one_round, state, None, length=num_rounds)
+
+
+def train_round(
+    alg, client_map, state, examples, offsets, ids, available, key, eval_batches, *,
+    eval_fn, eval_every, max_update_norm=None, streamed=False, **build,
+):
+    """One round on the cohort ``ids`` (population client states on the device), traced.
+
+    The body of :func:`scan_rounds` after sampling, and the whole of one streamed round
+    (``streamed``: ``examples`` are the cohort's rows, see :func:`round_cohort`).
+    """
+    cohort, gathering = round_cohort(
+        key, state.round, examples, offsets, ids, available, streamed=streamed, **build
+    )
+    state, metrics = round_body(alg, client_map, state, cohort, key,
+                                max_update_norm=max_update_norm, **gathering)
+    metrics["client_ids"] = cohort.client_ids
+    metrics["available_clients"] = jnp.sum(available)
+    metrics = with_eval(metrics, state.params, state.round, eval_fn, eval_every, eval_batches)
+    return state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("sampler", "num_rounds", "cohort_size"))
+def sample_cohorts(sampler_state, key, first_round, offsets, *, sampler, num_rounds, cohort_size):
+    """Every round's cohort up front (the sampler's draws do not depend on training).
+
+    The same draws as :func:`scan_rounds` makes round by round (same keys, same sampler).
+    Returns ``(final_sampler_state, (ids i32[R, C], available f32[R, C]))``.
+    """
+    sizes = offsets[1:] - offsets[:-1]
+
+    def step(sampler_state, t):
+        r = first_round + t
+        k_sample, _ = jax.random.split(data_key(key, r))
+        ids, available, sampler_state = sampler.sample(
+            sampler_state, k_sample, r, cohort_size, sizes
+        )
+        return sampler_state, (ids.astype(jnp.int32), jnp.asarray(available, jnp.float32))
+
+    return jax.lax.scan(step, sampler_state, jnp.arange(num_rounds, dtype=jnp.int32))
 
 
 _run_rounds_jit = jax.jit(scan_rounds, static_argnames=("alg", "client_map") + _STATIC)
@@ -190,10 +243,13 @@ def prepare_run(
     eval_data: FederatedData | None,
     eval_every: int,
     eval_batch_size: int,
+    data_on: str = "device",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Host side of :func:`run_rounds`: checks every argument, moves the data to the device.
 
-    Returns the array arguments and the static arguments of :func:`scan_rounds`.
+    Returns the array arguments and the static arguments of :func:`scan_rounds`. With
+    ``data_on="host"`` the training examples stay host arrays (NumPy views, a memory map
+    stays a memory map: nothing is read here).
     """
     if not isinstance(train_data, FederatedData):
         raise TypeError(
@@ -233,7 +289,10 @@ def prepare_run(
     num_steps = sampling.num_local_steps(
         max_client_size, batch_size, local_steps=local_steps, epochs=epochs
     )
-    examples = {k: jnp.asarray(v) for k, v in train_data.examples.items()}
+    if data_on == "host":
+        examples = {k: np.asarray(v) for k, v in train_data.examples.items()}
+    else:
+        examples = {k: jnp.asarray(v) for k, v in train_data.examples.items()}
     offsets = jnp.asarray(train_data.offsets, jnp.int32)
     eval_batches = (
         {k: jnp.asarray(v) for k, v in flat_batches(eval_data.examples, eval_batch_size).items()}

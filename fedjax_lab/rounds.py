@@ -1,7 +1,8 @@
 """Rounds: one round is one jitted XLA program; many rounds are one ``lax.scan``.
 
 The public entry points. The traced round lives in :mod:`fedjax_lab._round`, the device scan
-in :mod:`fedjax_lab._scan` and the host-state loop in :mod:`fedjax_lab._host_rounds`.
+in :mod:`fedjax_lab._scan`, the host-state loop in :mod:`fedjax_lab._host_rounds` and the
+host-streamed data loop in :mod:`fedjax_lab._streaming`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lab import _streaming
 from fedjax_lab import maps as maps_lib
 from fedjax_lab import tree as tree_lib
 from fedjax_lab._host_rounds import run_rounds_host
@@ -187,6 +189,7 @@ def run_rounds(
     client_states_on: str = "device",
     donate_state: bool = False,
     max_update_norm: float | None = None,
+    data_on: str = "device",
 ) -> tuple[ServerState, dict[str, jax.Array]]:
     """Runs ``num_rounds`` rounds as ONE ``lax.scan``: sampling, batching, training, server step.
 
@@ -234,6 +237,10 @@ def run_rounds(
         what is donated); pass the state a previous call returned to donate without a copy.
       max_update_norm: optional bound on each round's aggregate norm; a round above it is
         skipped (see the guard of :func:`run_round`, which every round runs).
+      data_on: where the training examples live during the run. ``"device"`` (default): moved
+        to the device once, every round inside one scan. ``"host"``: they stay in host memory
+        (NumPy arrays, or the memory map of :func:`fedjax_lab.data.load_memmap` for data larger
+        than RAM) and each round's cohort is streamed to the device; see "Host-streamed data".
 
     Returns:
       ``(final_state, history)``: ``history`` maps each metric of :func:`run_round` (plus
@@ -263,6 +270,19 @@ def run_rounds(
     ``N = leaf.shape[0]``); an algorithm that reads other clients' state values raises a
     ``ValueError`` and needs ``"device"``.
 
+    Host-streamed data (``data_on="host"``): all ``num_rounds`` cohorts are drawn first (same
+    keys and sampler as the scan); a background thread gathers each cohort's examples on the
+    host, ``[C, max_client_size, ...]`` (each client's own examples, zero-padded to the
+    largest client), and ``jax.device_put``s them (split over the devices with the cohort under
+    :func:`fedjax_lab.maps.sharded`, each device receiving only its clients' rows) while the
+    previous round runs; each round is then one jitted program. At most two cohorts are on the
+    device at once, whatever the population; the offsets (``num_clients + 1`` ints) and
+    ``eval_data`` still go to the device. The batches are the same values as on the device, so
+    the same key gives the same result (bit for bit, measured on CPU). Combines with
+    ``client_states_on="host"``, ``donate_state`` and every sampler; it cannot run inside
+    ``jax.jit``/``jax.vmap`` (the rounds are a Python loop) nor across several processes
+    (``jax.distributed``).
+
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, optax, fedjax_lab as fl
       >>> rng = np.random.default_rng(0)
@@ -275,10 +295,15 @@ def run_rounds(
       ...                             num_rounds=5, cohort_size=2, batch_size=2)
       >>> hist["train_loss"].shape, int(state.round)
       ((5,), 5)
+      >>> streamed, _ = fl.run_rounds(alg, alg.init(jnp.zeros(2)), data, jax.random.key(0),
+      ...                             num_rounds=5, cohort_size=2, batch_size=2, data_on="host")
+      >>> bool(jnp.array_equal(streamed.params, state.params))
+      True
     """
     _check_algorithm(alg)
     _check_state(state)
     _check_key(key)
+    _check_data_on(data_on, train_data, state, key)
     arrays, static = prepare_run(
         train_data,
         num_rounds=num_rounds,
@@ -292,6 +317,7 @@ def run_rounds(
         eval_data=eval_data,
         eval_every=eval_every,
         eval_batch_size=eval_batch_size,
+        data_on=data_on,
     )
     if client_states_on not in ("device", "host"):
         raise ValueError(
@@ -309,7 +335,11 @@ def run_rounds(
     if placement is not None:
         # Clients gather their batches inside the map: a sharded map reads the examples on
         # every device, so they go there once per call here, not inside the program.
-        arrays = jax.device_put(arrays, placement)
+        if data_on == "host":  # the examples stay on the host; each cohort's rows stream
+            arrays = dict(jax.device_put(dict(arrays, examples={}), placement),
+                          examples=arrays["examples"])
+        else:
+            arrays = jax.device_put(arrays, placement)
         if client_states_on == "host":  # the population's states stay where they are
             placed = _place_state(state._replace(client_states=()), placement)
             state = placed._replace(client_states=state.client_states)
@@ -317,10 +347,47 @@ def run_rounds(
             state = _place_state(state, placement)
     if donate_state:
         state = _unaliased(state)
+    stream = None
+    if data_on == "host":
+        stream = _streaming.opener(
+            arrays["examples"], np.asarray(train_data.offsets), static["max_client_size"],
+            _streaming.cohort_placement(client_map, static["cohort_size"]),
+        )
     if client_states_on == "host" and jax.tree.leaves(state.client_states):
-        return run_rounds_host(alg, client_map, state, key, arrays, static, donate_state)
+        return run_rounds_host(alg, client_map, state, key, arrays, static, donate_state,
+                               stream=stream)
+    if data_on == "host":
+        return _streaming.run_rounds_streamed(
+            alg, client_map, state, key, arrays, static, donate_state, stream
+        )
     run = _run_rounds_jit_donated if donate_state else _run_rounds_jit
     return run(alg, client_map, state, key=key, **arrays, **static)
+
+
+def _check_data_on(data_on: Any, train_data: Any, state: ServerState, key: Any) -> None:
+    """``data_on`` is ``"device"`` or ``"host"``; host streaming runs eagerly, in one process."""
+    if data_on not in ("device", "host"):
+        raise ValueError(
+            f"data_on: expected 'device' (examples moved to the device, one scan) or 'host' "
+            f"(examples stay on the host, each cohort streamed), got {data_on!r}."
+        )
+    if data_on != "host":
+        return
+    traced = [
+        x for x in jax.tree.leaves((getattr(train_data, "examples", None), state, key))
+        if isinstance(x, jax.core.Tracer)
+    ]
+    if traced:
+        raise ValueError(
+            "data_on='host' runs the rounds from a Python loop (one jitted round each, the "
+            "cohorts streamed by a thread), so run_rounds cannot be traced inside jax.jit, "
+            "jax.vmap or another transformation; call it outside, or use data_on='device'."
+        )
+    if jax.process_count() > 1:
+        raise ValueError(
+            f"data_on='host' streams each cohort from this process's memory; under "
+            f"jax.distributed ({jax.process_count()} processes) use data_on='device'."
+        )
 
 
 def _place_state(state: ServerState, placement: Any) -> ServerState:

@@ -92,3 +92,30 @@ def test_the_loop_baseline_is_the_faster_of_both_hosts(bench):
     assert cases[1]["python_loop_examples_per_s"] == 150.0 and cases[1]["vs_python_loop"] == 2.0
     assert cases[1]["python_loop_one_device_examples_per_s"] == 50.0
     assert split == [{"name": "a", "one_device": 120.0, "split": 300.0}]
+
+
+def test_scale_streaming_rows_report_device_bytes_and_overlap():
+    """The scale benchmark's data_on rows, tiny: device bytes, s/round, the serial baseline."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_scale", ROOT / "experiments/benchmarks/scale.py"
+    )
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    scale.HIDDEN = (16,)  # smoke size: the rows' fields, not the numbers
+    base = {"sweep": "streaming", "population": 300, "cohort": 10, "map": "sequential",
+            "rounds": 2, "repeats": 1}
+    rows = [scale.run_stream_point(dict(base, storage=s)) for s in ("device", "memmap")]
+    device, memmap = rows
+    assert device["data_on"] == "device" and memmap["data_on"] == "host"
+    # On the device: every example (64 f32 features + an i32 label); streamed: <= 2 cohorts.
+    assert device["device_data_bytes"] == device["num_examples"] * (64 * 4 + 4)
+    assert 0 < memmap["device_data_bytes"] <= 2 * memmap["cohort_device_bytes"]
+    assert memmap["device_data_bytes"] < device["device_data_bytes"]
+    for r in rows:
+        assert r["s_per_round"] > 0
+    for field in ("serial_s_per_round", "gather_s_per_round", "transfer_s_per_round"):
+        assert memmap[field] > 0, field
+    assert memmap["overlap_ratio"] == memmap["s_per_round"] / memmap["serial_s_per_round"]
+    assert memmap["serial_equals_prefetch"] is True
+    table = "\n".join(scale.stream_table(rows))
+    assert "| device (one scan) |" in table and "| host, memory map |" in table

@@ -30,6 +30,17 @@ JAX with ``jax.device_put`` which, on the CPU backend, aliases such a buffer ins
 it; so the data is resident once. (On this CPU-only machine the "device" is the host; there is no
 separate device memory to overflow.)
 
+A third sweep, streaming: the same population and model at 100 clients a round under
+``sequential()``, with the data on the device (``data_on="device"``, one scan) against
+host-streamed data (``data_on="host"``: examples in host NumPy arrays, or memory-mapped ``.npy``
+files written by ``fl.data.save_memmap``, each round's cohort gathered and transferred by a
+background thread while the previous round runs). Each row reports seconds per round, the
+device bytes held by data (the flat examples on the device; for host streaming the measured
+peak of the cohorts placed on the device at once, at most two), and for host streaming the
+serial baseline (gather, transfer and round one after another, ``_streaming.without_prefetch``)
+with the overlap ratio ``s/round with prefetch / s/round serial`` (< 1: the prefetch hides
+the gather and the transfer).
+
 Usage::
 
     python experiments/benchmarks/scale.py [--quick] [--out scale.json]
@@ -57,6 +68,8 @@ COHORTS = (10, 100, 1_000, 10_000)
 POPULATIONS = (1_000, 10_000, 100_000, 1_000_000)
 FIXED_COHORT = 100
 VMAP_MAX = 1_000
+STREAM_POPULATION = 100_000
+STREAM_STORAGE = ("device", "host", "memmap")  # where the examples are during the run
 
 
 def _rss_mib() -> float:
@@ -96,8 +109,11 @@ def _aligned_empty(shape: tuple[int, ...], dtype, align: int = 64):
     return buf[start : start + nbytes].view(dtype).reshape(shape)
 
 
-def _population(num_clients: int, seed: int = 0):
-    """Synthetic flat population, resident once (see the module docstring)."""
+def _population(num_clients: int, seed: int = 0, on_device: bool = True):
+    """Synthetic flat population, resident once (see the module docstring).
+
+    ``on_device=False`` keeps the examples in host NumPy arrays (for ``data_on="host"``).
+    """
     import jax
     import numpy as np
 
@@ -114,7 +130,7 @@ def _population(num_clients: int, seed: int = 0):
         hi = min(total, lo + step)
         rng.standard_normal(out=x[lo:hi], dtype=np.float32)
         y[lo:hi] = rng.integers(0, 10, size=hi - lo, dtype=np.int32)
-    examples = {"x": jax.device_put(x), "y": jax.device_put(y)}
+    examples = {"x": jax.device_put(x), "y": jax.device_put(y)} if on_device else {"x": x, "y": y}
     data_bytes = x.nbytes + y.nbytes + offsets.nbytes
     return fl.FederatedData.from_offsets(examples, offsets), data_bytes
 
@@ -233,6 +249,88 @@ def run_point(spec: dict) -> dict:
     }
 
 
+def run_stream_point(spec: dict) -> dict:
+    """One streaming row: data on the device, or streamed from host memory or a memory map."""
+    import tempfile
+
+    import jax
+    import numpy as np
+    import optax
+
+    import fedjax_lab as fl
+    from fedjax_lab import _streaming
+
+    storage = spec["storage"]
+    data, data_bytes = _population(spec["population"], on_device=storage == "device")
+    tmp = None
+    if storage == "memmap":
+        tmp = tempfile.TemporaryDirectory()
+        data = fl.data.load_memmap(fl.data.save_memmap(data, tmp.name))
+    model = fl.models.mlp(FEATURES, HIDDEN, 10)
+    alg = fl.algorithms.fed_avg(fl.models.classification_loss(model), optax.sgd(0.1))
+    state0 = alg.init(model.init(jax.random.key(0)))
+    data_on = "device" if storage == "device" else "host"
+    rounds = spec["rounds"]
+
+    def run(key):
+        start = time.perf_counter()
+        state, hist = fl.run_rounds(
+            alg, state0, data, key, num_rounds=rounds, cohort_size=spec["cohort"],
+            batch_size=BATCH, epochs=1, client_map=fl.maps.sequential(), data_on=data_on,
+        )
+        jax.block_until_ready((state, hist))
+        if not np.all(np.isfinite(np.asarray(hist["train_loss"]))):
+            raise RuntimeError(f"non-finite training loss at {spec}")
+        return (time.perf_counter() - start) / rounds, state
+
+    start = time.perf_counter()
+    _, ref = run(jax.random.key(1))  # warm-up: compiles
+    first_s = time.perf_counter() - start
+    out = {**spec, "data_on": data_on, "first_call_s": first_s}
+    if data_on == "device":
+        times = [run(jax.random.key(1))[0] for _ in range(spec["repeats"])]
+        out["device_data_bytes"] = int(sum(v.nbytes for v in data.examples.values()))
+    else:
+        # Prefetched and serial runs alternate, so a change in the machine's load hits both.
+        times, serial, stats = [], [], []
+        for _ in range(spec["repeats"]):
+            times.append(run(jax.random.key(1))[0])
+            stats.append(dict(_streaming.last_run))
+            with _streaming.without_prefetch():
+                serial.append(run(jax.random.key(1)))
+        out["device_data_bytes"] = int(max(st["peak_device_bytes"] for st in stats))
+        for name in ("gather", "transfer", "wait"):
+            out[f"{name}_s_per_round"] = statistics.median(st[f"{name}_s"] for st in stats) / rounds
+        out["serial_s_per_round"] = statistics.median(t for t, _ in serial)
+        out["repeat_serial_s_per_round"] = [t for t, _ in serial]
+        same = all(
+            np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(jax.tree.leaves(serial[0][1]), jax.tree.leaves(ref), strict=True)
+        )
+        out["serial_equals_prefetch"] = bool(same)
+    out["s_per_round"] = statistics.median(times)
+    out["repeat_s_per_round"] = times
+    if data_on == "host":
+        out["overlap_ratio"] = out["s_per_round"] / out["serial_s_per_round"]
+    width = int(np.max(data.client_sizes))
+    out["cohort_device_bytes"] = spec["cohort"] * width * (int(np.prod(FEATURES)) * 4 + 4)
+    out["data_mib"] = data_bytes / 2**20
+    out["num_examples"] = data.num_examples
+    if tmp is not None:
+        tmp.cleanup()
+    return out
+
+
+def _stream_specs(quick: bool) -> list[dict]:
+    pop = 10_000 if quick else STREAM_POPULATION
+    rounds, repeats = (3, 1) if quick else (20, 3)
+    return [
+        {"sweep": "streaming", "population": pop, "cohort": FIXED_COHORT, "map": "sequential",
+         "storage": storage, "rounds": rounds, "repeats": repeats}
+        for storage in STREAM_STORAGE
+    ]
+
+
 def _specs(quick: bool) -> list[dict]:
     def rounds_for(cohort: int) -> tuple[int, int]:
         """(rounds in the timed scan, timed repeats), after one untimed warm-up run."""
@@ -276,7 +374,7 @@ def _specs(quick: bool) -> list[dict]:
                 "repeats": k,
             }
         )
-    return specs
+    return specs + _stream_specs(quick)
 
 
 def _run_subprocess(spec: dict, timeout_s: float) -> dict:
@@ -302,8 +400,8 @@ def _map_label(r: dict) -> str:
 
 
 def tables(results: list[dict]) -> str:
-    """Markdown tables of the two sweeps."""
-    ok = [r for r in results if "error" not in r]
+    """Markdown tables of the sweeps."""
+    ok = [r for r in results if "error" not in r and r.get("sweep") != "streaming"]
     cohort_rows = sorted(
         (r for r in ok if r["population"] == POPULATION), key=lambda r: (r["cohort"], r["map"])
     )
@@ -342,6 +440,7 @@ def tables(results: list[dict]) -> str:
             f" | {r['weighted_sample_s'] * 1e3:.2f}"
             f" | {r['weighted_sample_s'] / r['s_per_round']:.1%} |"
         )
+    out += stream_table(results)
     failed = [r for r in results if "error" in r]
     if failed:
         out += ["", "Failed points:"]
@@ -351,30 +450,91 @@ def tables(results: list[dict]) -> str:
     return "\n".join(out)
 
 
+def stream_table(results: list[dict]) -> list[str]:
+    """The streaming sweep's Markdown table (lines; empty without streaming rows)."""
+    rows = [r for r in results if "error" not in r and r.get("sweep") == "streaming"]
+    if not rows:
+        return []
+    r0 = rows[0]
+    out = [
+        "",
+        f"### Streaming ({r0['population']:,} clients, data {r0['data_mib']:.0f} MiB, "
+        f"{r0['cohort']} clients a round, sequential())",
+        "",
+        "| data | s/round | device bytes held by data | serial s/round | overlap ratio "
+        "| gather ms/round | transfer ms/round | waited ms/round |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        label = {"device": "device (one scan)", "host": "host, NumPy",
+                 "memmap": "host, memory map"}[r["storage"]]
+        if r["data_on"] == "device":
+            extra = " — | — | — | — | — |"
+        else:
+            extra = (
+                f" {r['serial_s_per_round']:.4f} | {r['overlap_ratio']:.2f}"
+                f" | {r['gather_s_per_round'] * 1e3:.2f} | {r['transfer_s_per_round'] * 1e3:.2f}"
+                f" | {r['wait_s_per_round'] * 1e3:.2f} |"
+            )
+        out.append(f"| {label} | {r['s_per_round']:.4f} | {r['device_data_bytes']:,} |{extra}")
+    return out
+
+
+def _print_point(r: dict) -> None:
+    if r.get("sweep") == "streaming":
+        extra = (
+            "" if r["data_on"] == "device"
+            else f"  serial {r['serial_s_per_round'] * 1e3:8.2f} ms  overlap "
+            f"{r['overlap_ratio']:.2f}"
+        )
+        print(
+            f"N={r['population']:>9,} C={r['cohort']:>6,} stream {r['storage']:<7} "
+            f"{r['s_per_round'] * 1e3:9.2f} ms/round  device data "
+            f"{r['device_data_bytes']:>12,} B{extra}  ({r['process_wall_s']:.0f} s)",
+            flush=True,
+        )
+        return
+    print(
+        f"N={r['population']:>9,} C={r['cohort']:>6,} {r['map']:<10} "
+        f"compile {r['compile_s']:5.1f} s  {r['s_per_round'] * 1e3:9.2f} ms/round "
+        f"{r['examples_per_s']:>9,.0f} ex/s  peak {r['peak_rss_mib']:7,.0f} MiB  "
+        f"sampler {r['sample_fraction']:6.1%}  ({r['process_wall_s']:.0f} s)",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds, population <= 100k")
     parser.add_argument("--out", default="scale.json")
+    parser.add_argument(
+        "--sweeps", default="cohort,population,streaming",
+        help="comma-separated sweeps to run; the other sweeps' rows already in --out are kept",
+    )
     parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: one point, JSON spec
     args = parser.parse_args()
     if args.point:
-        print(json.dumps(run_point(json.loads(args.point))), flush=True)
+        spec = json.loads(args.point)
+        point = run_stream_point if spec.get("sweep") == "streaming" else run_point
+        print(json.dumps(point(spec)), flush=True)
         return
+    sweeps = set(args.sweeps.split(","))
+    unknown = sweeps - {"cohort", "population", "streaming"}
+    if unknown:
+        parser.error(f"--sweeps: unknown sweep(s) {sorted(unknown)}")
+    kept = []
+    if sweeps != {"cohort", "population", "streaming"} and os.path.exists(args.out):
+        with open(args.out) as f:
+            kept = [r for r in json.load(f)["results"] if r.get("sweep") not in sweeps]
     results = []
     total = time.perf_counter()
-    for spec in _specs(args.quick):
+    for spec in [s for s in _specs(args.quick) if s["sweep"] in sweeps]:
         r = _run_subprocess(spec, timeout_s=600)
         results.append(r)
         if "error" in r:
             print(f"{spec}: FAILED\n{r['error']}", flush=True)
         else:
-            print(
-                f"N={r['population']:>9,} C={r['cohort']:>6,} {r['map']:<10} "
-                f"compile {r['compile_s']:5.1f} s  {r['s_per_round'] * 1e3:9.2f} ms/round "
-                f"{r['examples_per_s']:>9,.0f} ex/s  peak {r['peak_rss_mib']:7,.0f} MiB  "
-                f"sampler {r['sample_fraction']:6.1%}  ({r['process_wall_s']:.0f} s)",
-                flush=True,
-            )
+            _print_point(r)
     import jax
 
     out = {
@@ -391,12 +551,12 @@ def main() -> None:
             "chunk": CHUNK,
         },
         "total_s": time.perf_counter() - total,
-        "results": results,
+        "results": kept + results,
     }
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     print()
-    print(tables(results))
+    print(tables(kept + results))
 
 
 if __name__ == "__main__":

@@ -2,5 +2,14 @@
 
 from fedjax_lab.data import datasets, participation, partition, sampling
 from fedjax_lab.data._federated import FederatedData
+from fedjax_lab.data._memmap import load_memmap, save_memmap
 
-__all__ = ["FederatedData", "datasets", "participation", "partition", "sampling"]
+__all__ = [
+    "FederatedData",
+    "datasets",
+    "load_memmap",
+    "participation",
+    "partition",
+    "sampling",
+    "save_memmap",
+]

@@ -1,0 +1,339 @@
+"""Host-streamed federated data for :func:`fedjax_lab.run_rounds` (``data_on="host"``).
+
+The population's examples stay in host memory (NumPy arrays, or a ``numpy.memmap`` opened by
+:func:`fedjax_lab.data.load_memmap` for data larger than RAM). Every round's cohort is drawn
+first, with the same keys and sampler as the device scan (:func:`fedjax_lab._scan.sample_cohorts`);
+then a background thread gathers each cohort's rows on the host (:func:`cohort_rows`) and
+transfers them (``jax.device_put``, with the cohort sharding under a sharded client map) while
+the previous round runs. At most two cohorts sit on the device (:class:`Prefetcher`), so device
+memory does not grow with the population.
+
+Each round is one jitted program (:func:`fedjax_lab._scan.train_round` with ``streamed=True``,
+or the host-state round); each client indexes its own rows with the same shuffled positions
+the device path uses on the flat examples, so the batches, and the results, are the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fedjax_lab import maps as maps_lib
+from fedjax_lab._scan import _STATIC, sample_cohorts, train_round
+
+_PREFETCH = {"on": True}  # off only for the serial baseline of the benchmark (without_prefetch)
+last_run: dict[str, float] = {}  # statistics of the latest streamed run (benchmark, tests)
+
+
+def cohort_rows(
+    examples: dict[str, np.ndarray], offsets: np.ndarray, ids: np.ndarray, width: int
+) -> dict[str, np.ndarray]:
+    """Host: each cohort client's examples as ``[C, width, ...]`` arrays (zeros past its size).
+
+    Row ``j`` holds client ``ids[j]``'s examples ``offsets[i]:offsets[i + 1]`` from position 0;
+    ``width`` is the population's largest client, so every client fits. Reads only those rows
+    (a memory map reads them from disk).
+
+    Example:
+      >>> import numpy as np
+      >>> rows = cohort_rows({"x": np.arange(6.0)}, np.array([0, 4, 6]), np.array([1, 0]), 4)
+      >>> rows["x"].tolist()
+      [[4.0, 5.0, 0.0, 0.0], [0.0, 1.0, 2.0, 3.0]]
+    """
+    offsets = np.asarray(offsets, np.int64)
+    ids = np.asarray(ids, np.int64)
+    starts = offsets[ids]
+    sizes = offsets[ids + 1] - starts
+    pos = np.arange(width, dtype=np.int64)
+    idx = starts[:, None] + np.minimum(pos[None, :], np.maximum(sizes[:, None] - 1, 0))
+    pad = pos[None, :] >= sizes[:, None]
+    out = {}
+    for name, v in examples.items():
+        rows = np.asarray(v[idx.reshape(-1)]).reshape(idx.shape + np.shape(v)[1:])
+        rows[pad] = 0
+        out[name] = rows
+    return out
+
+
+def cohort_placement(client_map: Any, cohort_size: int) -> tuple[int, Any, Any]:
+    """Where a cohort's rows go: ``(head, head_sharding, tail_sharding)``.
+
+    Under a sharded map over ``D`` devices the first ``head = D * (C // D)`` clients' rows are
+    split over the mesh's ``"clients"`` axis (each device receives only its clients' rows, as the
+    map splits them) and the ``C % D`` others, which the map runs outside the mesh, are
+    replicated. Otherwise ``head = C`` and both shardings are ``None`` (the default device).
+    """
+    replicated = maps_lib.state_sharding(client_map, cohort_size)
+    if replicated is None:
+        return cohort_size, None, None
+    mesh = replicated.mesh
+    head = (cohort_size // mesh.size) * mesh.size
+    return head, NamedSharding(mesh, PartitionSpec(maps_lib._AXIS)), replicated
+
+
+def place_rows(rows: dict[str, np.ndarray], placement: tuple[int, Any, Any]) -> tuple:
+    """Transfers a cohort's host rows to the device(s): ``(head,)`` or ``(head, tail)`` parts."""
+    head, head_sharding, tail_sharding = placement
+    c = int(np.shape(next(iter(rows.values())))[0])
+    parts = [jax.device_put({k: v[:head] for k, v in rows.items()}, head_sharding)]
+    if head < c:
+        parts.append(jax.device_put({k: v[head:] for k, v in rows.items()}, tail_sharding))
+    return tuple(parts)
+
+
+def joined(parts: tuple) -> dict[str, jax.Array]:
+    """Traced: the cohort's rows from the parts :func:`place_rows` made."""
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+def _nbytes(tree: Any) -> int:
+    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+class _Failure:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Prefetcher:
+    """Loads item ``t`` (host) and places it (device) in a background thread, ahead of use.
+
+    ``load(t)`` builds item ``t`` on the host, ``place(item)`` transfers it; at most ``slots``
+    placed items exist at once: the thread waits for a free slot before transferring, and
+    :meth:`used` frees the slot of the item before the one just used once the computation that
+    read it has finished (blocking on its outputs) and deletes its device buffers. An exception
+    in the thread is re-raised by :meth:`get`; leaving the ``with`` block (normally, on an
+    exception or on ``KeyboardInterrupt``) stops the thread and joins it.
+
+    Example:
+      >>> with Prefetcher(lambda t: np.full(2, t), jax.device_put, 3) as feed:
+      ...     got = []
+      ...     for t in range(3):
+      ...         x = feed.get(t)
+      ...         y = x + 1
+      ...         feed.used(x, y)
+      ...         got.append(y.tolist())
+      >>> got
+      [[1, 1], [2, 2], [3, 3]]
+    """
+
+    def __init__(
+        self,
+        load: Callable[[int], Any],
+        place: Callable[[Any], Any],
+        count: int,
+        *,
+        slots: int = 2,
+        background: bool | None = None,
+    ):
+        self._load, self._place, self._count = load, place, int(count)
+        self._background = _PREFETCH["on"] if background is None else bool(background)
+        self._queue: queue.Queue = queue.Queue(maxsize=slots)
+        self._slots = threading.Semaphore(slots)
+        self._stop = threading.Event()
+        self._pending: deque = deque()
+        self._thread: threading.Thread | None = None
+        self.live_bytes = self.peak_bytes = 0
+        self.load_s = self.place_s = self.wait_s = 0.0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Prefetcher:
+        if self._background:
+            self._thread = threading.Thread(target=self._work, name="fedjax_lab-prefetch",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _produce(self, t: int) -> Any:
+        start = time.perf_counter()
+        item = self._load(t)
+        mid = time.perf_counter()
+        while not self._slots.acquire(timeout=0.05):
+            if self._stop.is_set():
+                return None
+        slot = time.perf_counter()
+        placed = self._place(item)
+        jax.block_until_ready(placed)
+        end = time.perf_counter()
+        with self._lock:
+            self.load_s += mid - start
+            self.place_s += end - slot
+            self.live_bytes += _nbytes(placed)
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        return placed
+
+    def _work(self) -> None:
+        try:
+            for t in range(self._count):
+                if self._stop.is_set():
+                    return
+                placed = self._produce(t)
+                if placed is None:
+                    return
+                self._put((t, placed))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by get()
+            self._put(_Failure(e))
+
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def get(self, t: int) -> Any:
+        """Item ``t`` on the device (waits for the thread; re-raises its exception)."""
+        if not self._background:  # serially: after the rounds before it, then gather, place
+            jax.block_until_ready([outputs for _, outputs in self._pending])
+            return self._produce(t)
+        start = time.perf_counter()
+        while True:
+            try:
+                got = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._thread is None or not self._thread.is_alive():
+                    raise RuntimeError("the prefetch thread stopped without an item") from None
+        self.wait_s += time.perf_counter() - start
+        if isinstance(got, _Failure):
+            raise got.error
+        index, placed = got
+        if index != t:
+            raise RuntimeError(f"prefetch: asked for item {t}, the thread made item {index}.")
+        return placed
+
+    def used(self, placed: Any, outputs: Any) -> None:
+        """``placed`` was read by the computation that returns ``outputs`` (dispatched).
+
+        Frees the previous item once its computation has finished, so the thread can transfer
+        the next while this one runs.
+        """
+        self._pending.append((placed, outputs))
+        while len(self._pending) > 1:
+            self._free(*self._pending.popleft())
+
+    def _free(self, placed: Any, outputs: Any) -> None:
+        jax.block_until_ready(outputs)
+        size = _nbytes(placed)
+        for x in jax.tree.leaves(placed):
+            if isinstance(x, jax.Array) and not x.is_deleted():
+                x.delete()
+        with self._lock:
+            self.live_bytes -= size
+        self._slots.release()
+
+    def close(self) -> None:
+        """Stops the thread (it may be waiting for a slot or the queue) and joins it.
+
+        Also records this run's statistics in ``last_run``: the peak device bytes of placed
+        items, and the seconds spent loading, placing and waiting for items.
+        """
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        while self._pending:
+            placed, outputs = self._pending.popleft()
+            try:
+                self._free(placed, outputs)
+            except Exception:  # noqa: BLE001 - the run's own error (if any) is what matters
+                pass
+        last_run.clear()
+        last_run.update(peak_device_bytes=float(self.peak_bytes), gather_s=self.load_s,
+                        transfer_s=self.place_s, wait_s=self.wait_s)
+
+
+@contextlib.contextmanager
+def without_prefetch() -> Iterator[None]:
+    """Streamed runs gather and transfer each cohort in the caller's thread, serially.
+
+    Round ``t + 1``'s cohort is gathered and transferred only once round ``t`` has finished:
+    the baseline of the overlap measurement in ``experiments/benchmarks/scale.py``.
+    """
+    _PREFETCH["on"] = False
+    try:
+        yield
+    finally:
+        _PREFETCH["on"] = True
+
+
+def _stream_round_impl(alg, client_map, state, parts, ids, available, offsets, key,
+                       eval_batches, **static):
+    return train_round(alg, client_map, state, joined(parts), offsets, ids, available, key,
+                       eval_batches, streamed=True, **static)
+
+
+_ROUND_STATIC = ("alg", "client_map") + tuple(
+    k for k in _STATIC if k not in ("num_rounds", "cohort_size", "sampler")
+)
+_stream_round_jit = jax.jit(_stream_round_impl, static_argnames=_ROUND_STATIC)
+_stream_round_jit_donated = jax.jit(
+    _stream_round_impl, static_argnames=_ROUND_STATIC, donate_argnames=("state",)
+)
+
+
+def opener(examples: dict[str, np.ndarray], offsets: np.ndarray, width: int,
+           placement: tuple) -> Callable[[np.ndarray], Prefetcher]:
+    """``open(ids_host)``: the :class:`Prefetcher` of every round's cohort rows."""
+
+    def open_(ids_host: np.ndarray) -> Prefetcher:
+        return Prefetcher(
+            lambda t: cohort_rows(examples, offsets, ids_host[t], width),
+            functools.partial(place_rows, placement=placement),
+            ids_host.shape[0],
+        )
+
+    return open_
+
+
+def run_rounds_streamed(alg, client_map, state, key, arrays, static, donate, stream):
+    """The streamed loop with the population's client states (if any) on the device.
+
+    ``stream`` is :func:`opener`'s ``open``: ``stream(ids_host)`` gives the cohorts' feed.
+    """
+    sampler_state, (ids, available) = sample_cohorts(
+        state.sampler_state,
+        key,
+        jnp.asarray(state.round, jnp.int32),
+        arrays["offsets"],
+        sampler=static["sampler"],
+        num_rounds=static["num_rounds"],
+        cohort_size=static["cohort_size"],
+    )
+    ids_host, available_host = np.asarray(ids), np.asarray(available)
+    feed = stream(ids_host)
+    round_fn = _stream_round_jit_donated if donate else _stream_round_jit
+    kw = {k: static[k] for k in _ROUND_STATIC[2:]}
+    core = state._replace(sampler_state=())
+    history = []
+    with feed:
+        for t in range(ids_host.shape[0]):
+            parts = feed.get(t)
+            core, metrics = round_fn(
+                alg, client_map, core, parts, ids_host[t], available_host[t],
+                arrays["offsets"], key, arrays["eval_batches"], **kw,
+            )
+            feed.used(parts, metrics)
+            history.append(metrics)
+    # Stacked on the host: jnp.stack would compile a program for every num_rounds.
+    history = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *jax.device_get(history))
+    return core._replace(sampler_state=sampler_state), history
