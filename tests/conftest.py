@@ -36,6 +36,7 @@ SLOW = {
     "test_cli.py::test_sweep_command_writes_csv_and_heatmap",
     "test_drift_algorithms.py::test_every_client_map_gives_the_same_result",
     "test_models.py::test_cnn_shapes_and_formulations_agree",
+    "test_sampling_search.py::test_benchmark_smoke_writes_the_shares",
 }
 
 
