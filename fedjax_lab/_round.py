@@ -52,6 +52,12 @@ def round_core(
     all in memory at once (``sequential`` holds one client's, ``chunked(n)`` n clients'), and
     each client's examples are gathered right before it trains on them.
 
+    With ``alg.pre_pass`` the client map runs twice over the same cohort: first the pre-pass
+    (each client's ``alg.pre_pass`` at the server state, gathered the same way), whose mean
+    weighted by the cohort weights every ``client_update`` then sees as ``client.pre_pass``
+    and ``server_update`` as ``aggregate = (aggregate, pre_pass_mean)``. Its keys come from
+    ``fold_in(round_key, PRE_PASS_SALT)``, so the other keys of the round are unchanged.
+
     The guard: the round is applied only when some client counted (``total_weight > 0``), the
     aggregate is finite (and, with ``max_update_norm``, its global norm is at most that), and
     every floating-point leaf of the new server state (params, optimiser and aggregator
@@ -68,6 +74,10 @@ def round_core(
     client_keys = jax.random.split(k_clients, c)
     has_client_state = bool(jax.tree.leaves(cohort_states))
     stack = alg.aggregator.reduce == "stack"
+    pre = ()
+    if alg.pre_pass is not None:
+        pre = _pre_pass(alg, client_map, state, cohort, cohort_states, round_key,
+                        client_view=client_view, gather=gather, gather_data=gather_data)
 
     def one_client(shared, x):
         server_state, agg_state, data = shared
@@ -77,7 +87,7 @@ def round_core(
         if gather is not None:
             batches = gather(batches, data)
         out = alg.client_update(
-            server_state, ClientInput(batches, weight_in, client_id, client_state), ckey
+            server_state, ClientInput(batches, weight_in, client_id, client_state, pre), ckey
         )
         finite = tree_lib.all_finite(out.update)
         weight = jnp.where(finite, jnp.asarray(out.weight, jnp.float32), 0.0)
@@ -99,7 +109,8 @@ def round_core(
     aggregate, total_weight, agg_state = alg.aggregator.finalize(
         contributions, state.aggregator_state, k_agg
     )
-    new_state = alg.server_update(alg_state, aggregate, k_server)
+    handed = aggregate if alg.pre_pass is None else (aggregate, pre)
+    new_state = alg.server_update(alg_state, handed, k_server)
     new_state = new_state._replace(aggregator_state=agg_state)
     # The guard: a round in which no client counted, or whose aggregate or new server state is
     # not finite, changes nothing (the per-client states included: the where runs on the
@@ -142,6 +153,48 @@ def round_core(
     out.update({k: v.astype(jnp.float32) for k, v in reasons.items()})
     out["update_norm"] = jnp.where(applied, norm, 0.0)
     return new_state, new_cohort_states, out
+
+
+PRE_PASS_SALT = 0x50524550  # "PREP": the pre-pass's keys, apart from the round's other keys
+
+
+def _pre_pass(
+    alg: FederatedAlgorithm,
+    client_map: ClientMap,
+    state: ServerState,
+    cohort: Cohort,
+    cohort_states: PyTree,
+    round_key: PRNGKey,
+    *,
+    client_view: PyTree,
+    gather: Callable[[PyTree, PyTree], PyTree] | None,
+    gather_data: PyTree,
+) -> PyTree:
+    """The cohort-weighted mean of ``alg.pre_pass`` over the cohort (one more client map)."""
+    c = cohort.weights.shape[0]
+    keys = jax.random.split(jax.random.fold_in(round_key, PRE_PASS_SALT), c)
+
+    def one_client(shared, x):
+        server_state, data = shared
+        if client_view is not None:
+            server_state = server_state._replace(client_states=client_view)
+        batches, weight_in, client_id, client_state, pkey = x
+        if gather is not None:
+            batches = gather(batches, data)
+        value = alg.pre_pass(
+            server_state, ClientInput(batches, weight_in, client_id, client_state), pkey
+        )
+        finite = tree_lib.all_finite(value)
+        weight = jnp.where(finite, jnp.asarray(weight_in, jnp.float32), 0.0)
+        weighted = jax.tree.map(lambda v: jnp.where(finite, weight * v, 0.0), value)
+        return (weighted, weight), ()
+
+    xs = (cohort.batches, cohort.weights, cohort.client_ids, cohort_states, keys)
+    (total, weight), _ = client_map.apply(one_client, (state, gather_data), xs)
+    return jax.tree.map(
+        lambda t: jnp.where(weight > 0, t / jnp.maximum(weight, 1e-30), 0.0).astype(t.dtype),
+        total,
+    )
 
 
 def _all_finite(tree: PyTree) -> jax.Array:

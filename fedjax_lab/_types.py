@@ -47,12 +47,15 @@ class ClientInput(NamedTuple):
       weight: scalar aggregation weight from the cohort.
       client_id: scalar index of the client in the population.
       state: this client's per-client state (``()`` for algorithms without any).
+      pre_pass: this round's aggregated pre-pass, the same for every client of the cohort
+        (see :attr:`FederatedAlgorithm.pre_pass`; ``()`` for algorithms without one).
     """
 
     batches: Batch
     weight: jax.Array
     client_id: jax.Array
     state: PyTree
+    pre_pass: PyTree = ()
 
 
 class ClientOutput(NamedTuple):
@@ -129,7 +132,8 @@ class FederatedAlgorithm(NamedTuple):
         written for ONE client; a client map makes the cohort.
       aggregator: how client outputs become one update (:class:`Aggregator`).
       server_update: ``server_update(server_state, aggregate, key) -> ServerState``: applies
-        the aggregate (the pseudo-gradient for FedOpt) to the server state.
+        the aggregate (the pseudo-gradient for FedOpt) to the server state. With a
+        ``pre_pass``, ``aggregate`` is the pair ``(aggregate, pre_pass_mean)``.
       name: a short human-readable name.
       update_is_delta: whether the client update is the plain model delta (a tree shaped like
         the params, aggregated as one), so that another aggregator, differential privacy or
@@ -140,6 +144,15 @@ class FederatedAlgorithm(NamedTuple):
         the loss (labels out of range, wrong feature shape, a missing key);
         :func:`fedjax_lab.run_rounds` calls it on the host before compiling. ``None``: nothing
         to check (a hand-written loss).
+      pre_pass: ``pre_pass(server_state, client: ClientInput, key) -> PyTree`` (or ``None``,
+        the default: no pre-pass, the round is as it always was). A first pass over the SAME
+        cohort, before local training and inside the same compiled round (under every client
+        map): each client computes it at the server state (e.g. its full-batch gradient at the
+        server params), the round takes the mean weighted by the cohort weights (a client
+        whose output is not finite, or a padding slot, counts 0; no weight at all gives
+        zeros), and hands that mean to every ``client_update`` as ``client.pre_pass`` and to
+        ``server_update`` as the second half of its ``aggregate``. Mime's control variate
+        ``c`` (:func:`fedjax_lab.algorithms.mime`) is one.
     """
 
     init: Callable[..., ServerState]
@@ -149,6 +162,7 @@ class FederatedAlgorithm(NamedTuple):
     name: str = "federated_algorithm"
     update_is_delta: bool = True
     check_data: Callable[[Any], Any] | None = None
+    pre_pass: Callable[[ServerState, ClientInput, PRNGKey], PyTree] | None = None
 
 
 class ClientSampler(NamedTuple):

@@ -348,7 +348,16 @@ def compressed(
         new = alg.server_update(state._replace(client_states=inner_states), aggregate, key)
         return new._replace(client_states=(new.client_states, memory))
 
+    pre_pass = None
+    if alg.pre_pass is not None:  # the pre-pass is not compressed; it sees the inner state
+
+        def pre_pass(state: ServerState, client: ClientInput, key: PRNGKey) -> PyTree:
+            if ef is None:
+                return alg.pre_pass(state, client, key)
+            inner_server = state._replace(client_states=state.client_states[0])
+            return alg.pre_pass(inner_server, client._replace(state=client.state[0]), key)
+
     return FederatedAlgorithm(
         init, client_update, alg.aggregator, server_update, f"{alg.name}+{compressor.name}",
-        alg.update_is_delta, alg.check_data,
+        alg.update_is_delta, alg.check_data, pre_pass,
     )

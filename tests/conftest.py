@@ -40,6 +40,7 @@ SLOW = {
     "test_streaming.py::test_streamed_runs_on_four_host_devices_equal_device_data",
     "test_streaming.py::test_scaffold_with_a_markov_sampler_streamed_equals_device_data",
     "test_benchmarks.py::test_scale_streaming_rows_report_device_bytes_and_overlap",
+    "test_sampling_search.py::test_benchmark_smoke_writes_the_shares",
 }
 
 

@@ -81,7 +81,10 @@ FEDAVG = fl.algorithms.fed_avg(lsq_loss, optax.sgd(LR))
 SCAFFOLD = scaffold(lsq_loss, client_learning_rate=LR)
 NOVA = fed_nova(lsq_loss, optax.sgd(LR))
 MIME_BETA = 0.5
-MIME = mime(lsq_loss, optax.sgd(LR), server_learning_rate=0.8, momentum=MIME_BETA)
+# The one-pass Mime (c from the previous round), which np_mime below transcribes; the exact
+# Mime (this round's c, from the engine's pre-pass) is tested in test_mime_exact.py.
+MIME = mime(lsq_loss, optax.sgd(LR), server_learning_rate=0.8, momentum=MIME_BETA,
+            lagged=True)
 ONE_STEP = np.array([[1, 1], [0, 0], [0, 0]])  # one real step of the client's 2 examples
 
 
