@@ -36,6 +36,8 @@ SLOW = {
     "test_cli.py::test_sweep_command_writes_csv_and_heatmap",
     "test_drift_algorithms.py::test_every_client_map_gives_the_same_result",
     "test_models.py::test_cnn_shapes_and_formulations_agree",
+    "test_per_client.py::test_per_client_lambda_travels_with_its_client_under_every_client_map",
+    "test_per_client.py::test_a_sweep_over_a_per_client_rate_equals_single_runs",
 }
 
 
