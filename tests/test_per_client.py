@@ -171,3 +171,54 @@ def test_bad_per_client_values_are_refused_with_the_fix():
         kit.per_client(np.ones((2, 2)))
     with pytest.raises(ValueError, match="client 1 has nan"):
         kit.per_client([0.1, float("nan")])
+
+
+TOML = """
+[data]
+name = "digits"
+num_clients = 8
+[model]
+name = "logistic_regression"
+[training]
+rounds = 1
+cohort_size = 3
+batch_size = 8
+local_steps = 2
+[[algorithms]]
+name = "fedprox"
+mu = {per_client = "size", scale = 0.5, power = 1.0}
+client_learning_rate = {per_client = "size", scale = 0.1, power = 0.5}
+max_local_steps = {per_client = [2, 1, 0, 2, 1, 0, 2, 1]}
+"""
+
+
+def test_a_config_gives_hyper_parameters_per_client(tmp_path):
+    from fedjax_lab import experiment as exp_lib
+
+    path = tmp_path / "pc.toml"
+    path.write_text(TOML)
+    exp = exp_lib.build(exp_lib.load_config(path))
+    sizes = np.asarray(exp.train.client_sizes, np.float64)
+    want = fl.algorithms.fed_prox(
+        exp.loss_fn,
+        mu=kit.per_client(0.5 * sizes / sizes.mean()),
+        client_learning_rate=kit.per_client(0.1 * (sizes / sizes.mean()) ** 0.5),
+        max_local_steps=kit.per_client([2, 1, 0, 2, 1, 0, 2, 1]),
+    )
+    params = exp.model.init(jax.random.key(0))
+    kw = dict(num_rounds=1, cohort_size=3, batch_size=8, local_steps=2)
+    got, _ = fl.run_rounds(exp.algorithms["fedprox"], exp.algorithms["fedprox"].init(params),
+                           exp.train, KEY, **kw)
+    ref, _ = fl.run_rounds(want, want.init(params), exp.train, KEY, **kw)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got.params),
+                                                    jax.tree.leaves(ref.params), strict=True))
+    for bad, match in [
+        ('mu = {per_client = "sizes"}', r"mu.per_client: expected 'size'"),
+        ("mu = {per_client = [0.1, 0.2]}", "2 values, but the training data has 8 clients"),
+        ("mu = {per_client = [0.1], scale = 2.0}", "scale and power go with"),
+        ("mu = {per_client = [-0.1, 0, 0, 0, 0, 0, 0, 0]}", "client 0 has -0.1"),
+    ]:
+        text = TOML.replace('mu = {per_client = "size", scale = 0.5, power = 1.0}', bad)
+        path.write_text(text)
+        with pytest.raises(exp_lib.ConfigError, match=match):
+            exp_lib.build(exp_lib.load_config(path))
