@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 # Submodules, loaded by ``fl.<name>`` (orbax-checkpoint, the CLI and the rest on first use).
 _SUBMODULES = (
     "aggregators", "algorithms", "attacks", "checkpoint", "cli", "client", "compression", "data",
-    "distributed", "experiment", "kit", "maps", "metrics", "models", "personalization", "plots",
-    "privacy", "robust", "server", "sweep", "tree",
+    "distributed", "experiment", "kit", "maps", "meta", "metrics", "models", "personalization",
+    "plots", "privacy", "robust", "server", "sweep", "tree",
 )
 # Public names defined in a submodule: name -> (module, attribute).
 _NAMES = {
@@ -72,6 +72,7 @@ if TYPE_CHECKING:  # what linters and type checkers see; at run time the names l
         experiment,
         kit,
         maps,
+        meta,
         metrics,
         models,
         personalization,

@@ -90,7 +90,10 @@ def round_core(
             server_state, ClientInput(batches, weight_in, client_id, client_state, pre), ckey
         )
         finite = tree_lib.all_finite(out.update)
-        weight = jnp.where(finite, jnp.asarray(out.weight, jnp.float32), 0.0)
+        # f32 (f64 kept under jax_enable_x64: differentiable runs in double precision)
+        weight = jnp.asarray(out.weight)
+        weight = weight.astype(jnp.promote_types(weight.dtype, jnp.float32))
+        weight = jnp.where(finite, weight, 0.0)
         update = optax.tree.where(finite, out.update, optax.tree.zeros_like(out.update))
         contribution = alg.aggregator.prepare(update, weight, agg_state)
         metrics = {k: jnp.where(finite, v, 0.0) for k, v in out.metrics.items()}

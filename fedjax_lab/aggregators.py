@@ -76,7 +76,8 @@ def weighted_mean() -> Aggregator:
 
     def prepare(update: PyTree, weight: jax.Array, state: tuple) -> tuple[PyTree, jax.Array]:
         del state
-        weight = jnp.asarray(weight, jnp.float32)
+        weight = jnp.asarray(weight)  # f32 (f64 kept under jax_enable_x64)
+        weight = weight.astype(jnp.promote_types(weight.dtype, jnp.float32))
         return optax.tree.scale(weight, update), weight
 
     def finalize(contribution, state, key):

@@ -26,6 +26,7 @@ __all__ = [
     "local_loop",
     "local_training",
     "proximal",
+    "step_budget",
 ]
 
 Regularizer = Callable[[Params, Params], jax.Array]
@@ -203,7 +204,9 @@ def local_training(
       skip_empty_steps: see :func:`local_loop`; the result is the same either way.
 
     Returns:
-      The ``train`` function.
+      The ``train`` function. Its ``max_steps`` (an int or a traced scalar, e.g. a client's
+      :func:`fedjax_lab.kit.per_client` budget) caps the local work: only the first
+      ``max_steps`` steps may be real (see :func:`step_budget`); ``None``: no cap.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -224,7 +227,12 @@ def local_training(
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def train(
-        params: Params, batches: Batch, key: PRNGKey, opt_state: PyTree = None
+        params: Params,
+        batches: Batch,
+        key: PRNGKey,
+        opt_state: PyTree = None,
+        *,
+        max_steps: jax.Array | int | None = None,
     ) -> LocalResult:
         anchor = params
         first = jax.tree.map(lambda a: a[0], batches)
@@ -254,10 +262,28 @@ def local_training(
         start = optimizer.init(params) if opt_state is None else opt_state
         return local_loop(
             step, params, start, batches, key, stats_init=stats_init, unroll=unroll,
-            skip_empty_steps=skip_empty_steps,
+            skip_empty_steps=skip_empty_steps, step_counts=step_budget(batches, max_steps),
         )
 
     return train
+
+
+def step_budget(batches: Batch, max_steps: jax.Array | int | None) -> jax.Array | None:
+    """The ``step_counts`` of :func:`local_loop` when at most the first ``max_steps`` steps run.
+
+    A step at index ``>= max_steps`` counts 0 examples (skipped, as padding is); ``None`` gives
+    ``None`` (the mask decides alone).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> step_budget({"mask": jnp.ones((4, 2))}, 3).tolist()
+      [2.0, 2.0, 2.0, 0.0]
+    """
+    if max_steps is None:
+        return None
+    counts = jnp.sum(batches["mask"], axis=1)
+    within = jnp.arange(counts.shape[0]) < jnp.asarray(max_steps)
+    return jnp.where(within, counts, jnp.zeros_like(counts))
 
 
 def proximal(mu: float | jax.Array) -> Regularizer:

@@ -413,6 +413,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
                 f"{where}.client_optimizer: got {opt!r}; allowed: {_allowed(_CLIENT_OPTIMIZERS)}."
             )
         lr = alg.get("client_learning_rate", 0.1)
+        if _is_per_client_table(lr):
+            lr = 0.1  # checked with the factory's own hyper-parameters below
         _check_number(f"{where}.client_learning_rate", lr, float, None)
         if not lr > 0:
             raise ConfigError(f"{where}.client_learning_rate: must be > 0, got {lr!r}.")
@@ -635,8 +637,67 @@ def _built_part(registry, table: dict[str, Any], extra: tuple[str, ...]) -> tupl
     return registry[table["name"]](**options), {k: table[k] for k in extra if k in table}
 
 
-def build_algorithm(spec: dict[str, Any], loss_fn: LossFn) -> FederatedAlgorithm:
+PER_CLIENT_KEYS = ("client_learning_rate", "max_local_steps", "mu", "lam")
+"""Hyper-parameters a config may give per client (where the algorithm takes them, e.g.
+``fedavg``/``fedprox``/``ditto``), as a table: ``mu = {per_client = [0.0, 0.1, ...]}`` (one
+value per client of the training data) or ``client_learning_rate = {per_client = "size",
+scale = 0.1, power = 0.5}`` (client ``i``'s value ``scale * (n_i / mean_j n_j) ** power`` of
+its example count ``n_i``; ``max_local_steps`` rounds it to a whole number). A per-client
+``client_learning_rate`` is plain SGD (``client_optimizer = "sgd"``)."""
+
+
+def _is_per_client_table(value: Any) -> bool:
+    return isinstance(value, dict) and "per_client" in value
+
+
+def _per_client(where: str, value: Any, client_sizes: Any, *, whole: bool = False) -> Any:
+    """A config's per-client table as a :class:`~fedjax_lab.kit.PerClient`; others unchanged.
+
+    ``client_sizes`` ``None`` (validating, no data yet) checks the table and its values only.
+    """
+    from fedjax_lab import kit
+
+    if not _is_per_client_table(value):
+        return value
+    spec = value["per_client"]
+    extra = sorted(set(value) - {"per_client", "scale", "power"})
+    if extra:
+        raise ConfigError(f"{where}.{extra[0]}: unknown key; allowed: 'per_client', 'power', "
+                          "'scale'.")
+    if isinstance(spec, list):
+        if set(value) != {"per_client"}:
+            raise ConfigError(f"{where}: scale and power go with per_client = 'size' only.")
+        for i, v in enumerate(spec):
+            _check_number(f"{where}.per_client[{i}]", v, float, None)
+        if client_sizes is not None and len(spec) != len(client_sizes):
+            raise ConfigError(
+                f"{where}.per_client: {len(spec)} values, but the training data has "
+                f"{len(client_sizes)} clients; give one value per client."
+            )
+        return kit.per_client(spec)
+    if spec != "size":
+        raise ConfigError(
+            f"{where}.per_client: expected 'size' (a function of each client's example count) "
+            f"or a list of numbers (one per client), got {spec!r}."
+        )
+    scale, power = value.get("scale", 1.0), value.get("power", 1.0)
+    _check_number(f"{where}.scale", scale, float, None)
+    _check_number(f"{where}.power", power, float, None)
+
+    def of_size(n):
+        v = scale * (n / n.mean()) ** power
+        return np.rint(v) if whole else v
+
+    return kit.per_client(of_size, client_sizes=[1] if client_sizes is None else client_sizes)
+
+
+def build_algorithm(
+    spec: dict[str, Any], loss_fn: LossFn, client_sizes: Any = None
+) -> FederatedAlgorithm:
     """Builds one ``[[algorithms]]`` entry: its registered factory, then its part tables.
+
+    ``client_sizes`` (the training data's example counts) resolves per-client tables
+    (:data:`PER_CLIENT_KEYS`); without it they are checked but not sized to the population.
 
     The parts wrap the algorithm in this order: ``server_optimizer`` (an argument of the
     factory), ``attack`` (:func:`fedjax_lab.algorithms.with_attack`), ``compression``
@@ -662,9 +723,25 @@ def build_algorithm(spec: dict[str, Any], loss_fn: LossFn) -> FederatedAlgorithm
     own = ("name", "label", "client_optimizer", "client_learning_rate")
     hp = {k: v for k, v in spec.items() if k not in own and not _is_part(k, v)}
     spec = {k: v for k, v in spec.items() if k in own or _is_part(k, v)}
-    make_opt = _CLIENT_OPTIMIZERS[spec.get("client_optimizer", "sgd")]
-    client_optimizer = make_opt(spec.get("client_learning_rate", 0.1))
     label = spec.get("label", spec["name"])
+    for key in PER_CLIENT_KEYS:
+        if key in hp:
+            hp[key] = _per_client(f"{label}.{key}", hp[key], client_sizes,
+                                  whole=key == "max_local_steps")
+    make_opt = _CLIENT_OPTIMIZERS[spec.get("client_optimizer", "sgd")]
+    lr = spec.get("client_learning_rate", 0.1)
+    if _is_per_client_table(lr):
+        if spec.get("client_optimizer", "sgd") != "sgd":
+            raise ConfigError(f"{label}.client_learning_rate: a per-client rate is plain SGD; "
+                              "use client_optimizer = 'sgd'.")
+        if "client_learning_rate" not in REGISTRY.options(spec["name"]):
+            raise ConfigError(f"{label}.client_learning_rate: {spec['name']!r} takes no "
+                              "per-client rate; give a number.")
+        hp["client_learning_rate"] = _per_client(f"{label}.client_learning_rate", lr,
+                                                 client_sizes)
+        client_optimizer = None
+    else:
+        client_optimizer = make_opt(lr)
     if "server_optimizer" in spec:
         hp["server_optimizer"] = _server_optimizer_from(spec["server_optimizer"])
     if "name" in REGISTRY.options(spec["name"]):
@@ -761,7 +838,9 @@ def build(config: dict[str, Any]) -> Experiment:
     algorithms = {}
     for spec in cfg["algorithms"]:
         try:
-            algorithms[spec.get("label", spec["name"])] = build_algorithm(spec, loss_fn)
+            algorithms[spec.get("label", spec["name"])] = build_algorithm(
+                spec, loss_fn, client_sizes=train.client_sizes
+            )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"algorithms ({spec['name']}): {e}") from e
     if cfg["training"]["cohort_size"] > train.num_clients:

@@ -10,6 +10,7 @@ client side                        :func:`local_training` (the masked local loop
                                    regulariser and a gradient correction), :func:`local_loop`,
                                    :func:`proximal`, :func:`dynamic_regularizer`, :func:`frozen`,
                                    :func:`client_optimizer`, :func:`client_delta`,
+                                   :func:`step_budget`,
                                    :func:`data_check`
 server side                        :func:`server_state`, :func:`server_optimizer`,
                                    :func:`apply_server_optimizer`, :func:`server_step`
@@ -19,10 +20,18 @@ per-client state                   :func:`zeros_per_client`, :func:`copies_per_c
 aggregators                        :func:`stateless_aggregator`; ready-made ones in
                                    :mod:`fedjax_lab.aggregators` (``weighted_mean``,
                                    ``mean_and_sum``, ``weighted_sum``)
+per-client hyper-parameters        :class:`PerClient`, :func:`per_client`, :func:`for_client`,
+                                   :func:`is_per_client`, :func:`check_per_client`,
+                                   :func:`check_step_budget`
 argument checks                    :func:`check_loss_fn`, :func:`check_count`,
                                    :func:`check_positive`, :func:`check_in_range`,
                                    :func:`check_num_clients`
 =================================  ==============================================================
+
+A hyper-parameter given as :func:`per_client` (one value per client of the population, or a
+function of each client's size) is gathered for the cohort by client index inside
+``client_update`` (:func:`for_client` on ``client.client_id``), so the value travels with its
+client through every client map (``vmap``, ``chunked``, ``sequential``, ``sharded``).
 
 Every check raises before anything compiles, naming the argument and what it accepts; a traced
 value (a swept hyper-parameter) is not checked.
@@ -56,7 +65,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +89,7 @@ from fedjax_lab.client import (
     local_loop,
     local_training,
     proximal,
+    step_budget,
 )
 from fedjax_lab.data import _validate
 
@@ -87,6 +97,7 @@ __all__ = [
     "DEFAULT_CLIENT_LEARNING_RATE",
     "Correction",
     "LocalResult",
+    "PerClient",
     "Regularizer",
     "StepFn",
     "apply_server_optimizer",
@@ -94,16 +105,21 @@ __all__ = [
     "check_in_range",
     "check_loss_fn",
     "check_num_clients",
+    "check_per_client",
     "check_positive",
+    "check_step_budget",
     "client_delta",
     "data_check",
     "client_optimizer",
     "copies_per_client",
     "dynamic_regularizer",
+    "for_client",
     "frozen",
     "gather_clients",
+    "is_per_client",
     "local_loop",
     "local_training",
+    "per_client",
     "population_size",
     "proximal",
     "require_client_state",
@@ -112,6 +128,7 @@ __all__ = [
     "server_state",
     "server_step",
     "stateless_aggregator",
+    "step_budget",
     "zeros_per_client",
 ]
 
@@ -190,6 +207,9 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False, hint: str
       server_learning_rate: must be a finite number > 0, got -1.0.
     """
     if callable(value):
+        return
+    if isinstance(value, PerClient):
+        _check_per_client_values(name, value, allow_zero=allow_zero, hint=hint)
         return
     if isinstance(value, bool):
         raise ValueError(f"{name}: expected a number, got {value!r}.")
@@ -314,19 +334,33 @@ def _check_descends(optimizer: optax.GradientTransformation) -> None:
         )
 
 
-def data_check(loss_fn: Any) -> Callable[[Any], Any] | None:
+def data_check(loss_fn: Any, **hyper_parameters: Any) -> Callable[[Any], Any] | None:
     """The data check a loss function carries (``loss_fn.check_data``), or ``None``.
 
     The model zoo's losses (``fl.models.classification_loss(model)``) know their model and check
     a :class:`~fedjax_lab.data.FederatedData` against it; pass this to
     ``FederatedAlgorithm(..., check_data=kit.data_check(loss_fn))`` so that
-    :func:`fedjax_lab.run_rounds` refuses unfit data before compiling.
+    :func:`fedjax_lab.run_rounds` refuses unfit data before compiling. Hyper-parameters given
+    by keyword that are :class:`PerClient` are checked too: one value per client of the data
+    (:func:`check_per_client`); scalars are ignored.
 
     Example:
       >>> data_check(lambda p, b, k: 0.0) is None
       True
+      >>> data_check(lambda p, b, k: 0.0, mu=per_client([0.1, 0.2])) is None
+      False
     """
-    return getattr(loss_fn, "check_data", None)
+    check = getattr(loss_fn, "check_data", None)
+    per = {k: v for k, v in hyper_parameters.items() if isinstance(v, PerClient)}
+    if not per:
+        return check
+
+    def check_data(train_data: Any) -> None:
+        check_per_client(train_data.num_clients, **per)
+        if check is not None:
+            check(train_data)
+
+    return check_data
 
 
 def frozen(
@@ -364,6 +398,193 @@ def client_delta(server_params: Params, client_params: Params) -> Params:
       [0.5, -1.0]
     """
     return optax.tree.sub(server_params, client_params)
+
+
+# ---------------------------------------------------------------- per-client hyper-parameters
+
+
+class PerClient(NamedTuple):
+    """A hyper-parameter with one value per client of the population (build it with
+    :func:`per_client`); a pytree, so a swept (traced) vector works too.
+
+    Attributes:
+      values: ``float[N]``, client ``i``'s value at index ``i`` (the population's order, as in
+        :class:`~fedjax_lab.data.FederatedData`).
+    """
+
+    values: jax.Array
+
+
+def per_client(values: Any, client_sizes: Any = None) -> PerClient:
+    """A per-client hyper-parameter: an array over the population or a function of client size.
+
+    Algorithm builders that take it (``fed_avg``/``fed_opt``'s ``client_learning_rate`` and
+    ``max_local_steps``, ``fed_prox``'s ``mu``, ``ditto``'s ``lam``) gather client ``i``'s value
+    inside ``client_update`` from the cohort's client ids (:func:`for_client`).
+
+    Args:
+      values: ``N`` numbers, one per client; or a function ``f(sizes) -> N numbers`` evaluated
+        here, once, on the population's example counts (a float64 NumPy array), e.g.
+        ``lambda n: 0.1 * n / n.mean()``.
+      client_sizes: with a function only: the population's example counts
+        (``train_data.client_sizes``) or the :class:`~fedjax_lab.data.FederatedData` itself.
+
+    Returns:
+      A :class:`PerClient` (values in the default float dtype).
+
+    Example:
+      >>> import numpy as np
+      >>> per_client([0.1, 0.0, 0.2]).values.tolist() == [np.float32(v) for v in (0.1, 0, 0.2)]
+      True
+      >>> per_client(lambda n: n / n.max(), client_sizes=[2, 4, 8]).values.tolist()
+      [0.25, 0.5, 1.0]
+    """
+    if isinstance(values, PerClient):
+        values = values.values
+    if callable(values):
+        if client_sizes is None:
+            raise ValueError(
+                "client_sizes: a per-client hyper-parameter given as a function of client size "
+                "needs the population's sizes: "
+                "per_client(fn, client_sizes=train_data.client_sizes)."
+            )
+        sizes = np.asarray(getattr(client_sizes, "client_sizes", client_sizes), np.float64)
+        if sizes.ndim != 1 or sizes.size == 0:
+            raise ValueError(
+                f"client_sizes: expected one example count per client (1-D), got shape "
+                f"{sizes.shape}."
+            )
+        values = values(sizes)
+    elif client_sizes is not None:
+        raise ValueError(
+            "client_sizes: only for values given as a function of client size; an array "
+            "already has one value per client."
+        )
+    dtype = jnp.result_type(float)
+    if isinstance(values, jax.core.Tracer):  # a swept vector: only its shape is checked
+        arr = jnp.asarray(values, dtype)
+    else:
+        try:
+            host = np.asarray(values, np.float64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"per_client: expected numbers, one per client, got {values!r}.") from e
+        if host.ndim != 1 or host.size == 0:
+            raise ValueError(
+                f"per_client: expected one value per client (a non-empty 1-D array), got shape "
+                f"{host.shape}."
+            )
+        if not np.all(np.isfinite(host)):
+            bad = int(np.flatnonzero(~np.isfinite(host))[0])
+            raise ValueError(
+                f"per_client: every value must be finite; client {bad} has {host[bad]}."
+            )
+        arr = jnp.asarray(host, dtype)
+    if arr.ndim != 1:
+        raise ValueError(
+            f"per_client: expected a 1-D array (one value per client), got {arr.shape}."
+        )
+    return PerClient(arr)
+
+
+def is_per_client(*values: Any) -> bool:
+    """Whether any of ``values`` is a :class:`PerClient`.
+
+    Example:
+      >>> is_per_client(0.1, per_client([1.0, 2.0])), is_per_client(0.1, None)
+      (True, False)
+    """
+    return any(isinstance(v, PerClient) for v in values)
+
+
+def for_client(value: Any, client_id: jax.Array) -> Any:
+    """Client ``client_id``'s value of ``value``: every :class:`PerClient` in the pytree ``value``
+    becomes its entry ``values[client_id]``; anything else is returned unchanged.
+
+    Called inside ``client_update`` with ``client.client_id``, so it runs under every client
+    map. An id outside the population reads NaN (the client's update is then not finite and
+    the round drops it); :func:`check_per_client` refuses a wrong length before compiling.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> lr, mu = for_client((per_client([0.5, 0.25]), 0.1), jnp.int32(1))
+      >>> float(lr), mu
+      (0.25, 0.1)
+    """
+
+    def pick(v):
+        if isinstance(v, PerClient):
+            return jnp.take(v.values, client_id, mode="fill", fill_value=jnp.nan)
+        return v
+
+    return jax.tree.map(pick, value, is_leaf=lambda x: isinstance(x, PerClient))
+
+
+def check_per_client(num_clients: int | None, **hyper_parameters: Any) -> None:
+    """Every :class:`PerClient` among ``hyper_parameters`` must have ``num_clients`` values.
+
+    ``num_clients=None`` (a shape-only init) checks nothing; scalars pass.
+
+    Example:
+      >>> try:
+      ...     check_per_client(3, mu=per_client([0.1, 0.2]))
+      ... except ValueError as e:
+      ...     print(e)  # doctest: +ELLIPSIS
+      mu: per_client gives 2 values, but the population has 3 clients; ...
+    """
+    if num_clients is None:
+        return
+    for name, value in hyper_parameters.items():
+        if isinstance(value, PerClient) and value.values.shape[0] != num_clients:
+            raise ValueError(
+                f"{name}: per_client gives {value.values.shape[0]} values, but the population "
+                f"has {num_clients} clients; give one value per client "
+                "(len(values) == train_data.num_clients)."
+            )
+
+
+def _check_per_client_values(name: str, value: PerClient, *, allow_zero: bool, hint: str) -> None:
+    if isinstance(value.values, jax.core.Tracer):
+        return  # swept: not checked
+    host = np.asarray(value.values, np.float64)
+    bad = ~np.isfinite(host) | (host < 0) | ((host == 0) & (not allow_zero))
+    if np.any(bad):
+        i = int(np.flatnonzero(bad)[0])
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(
+            f"{name}: every per-client value must be a finite number {bound}; client {i} has "
+            f"{host[i]:g}.{hint}"
+        )
+
+
+def check_step_budget(name: str, value: Any) -> None:
+    """A local-step budget: ``None`` (no cap), a whole number ``>= 0`` or a :class:`PerClient`
+    of whole numbers ``>= 0`` (a client of budget 0 does no local step).
+
+    Example:
+      >>> check_step_budget("max_local_steps", per_client([2, 0, 5]))
+      >>> try:
+      ...     check_step_budget("max_local_steps", per_client([2, 1.5]))
+      ... except ValueError as e:
+      ...     print(e)
+      max_local_steps: every per-client budget must be a whole number >= 0; client 1 has 1.5.
+    """
+    if value is None:
+        return
+    if isinstance(value, PerClient):
+        if isinstance(value.values, jax.core.Tracer):
+            return
+        host = np.asarray(value.values, np.float64)
+        bad = (host < 0) | (host != np.round(host))
+        if np.any(bad):
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{name}: every per-client budget must be a whole number >= 0; client {i} has "
+                f"{host[i]:g}."
+            )
+        return
+    if isinstance(value, float):
+        raise ValueError(f"{name}: expected a whole number >= 0 or None, got {value!r}.")
+    check_count(name, value, 0)
 
 
 # --------------------------------------------------------------------------------- server side

@@ -195,9 +195,9 @@ def _example_alg(loss_fn, lr):
 class _ConfigAlgorithm:
     """``make_algorithm`` for a config's ``[sweep]``: hashable by the spec it was built from."""
 
-    def __init__(self, spec: dict[str, Any], loss_fn: Callable):
-        self.spec, self.loss_fn = spec, loss_fn
-        self._key = (repr(sorted(spec.items())), id(loss_fn))
+    def __init__(self, spec: dict[str, Any], loss_fn: Callable, client_sizes: tuple = ()):
+        self.spec, self.loss_fn, self.client_sizes = spec, loss_fn, client_sizes
+        self._key = (repr(sorted(spec.items())), id(loss_fn), client_sizes)
 
     def __hash__(self) -> int:
         return hash(self._key)
@@ -208,7 +208,8 @@ class _ConfigAlgorithm:
     def __call__(self, **hp: jax.Array) -> FederatedAlgorithm:
         from fedjax_lab.experiment import build_algorithm
 
-        return build_algorithm({**self.spec, **hp}, self.loss_fn)
+        return build_algorithm({**self.spec, **hp}, self.loss_fn,
+                               client_sizes=self.client_sizes or None)
 
 
 def run_sweep_config(
@@ -246,7 +247,8 @@ def run_sweep_config(
     experiment = exp_lib.build({**cfg, "algorithms": [probe]})
     training = cfg["training"]
     rows = sweep(
-        _ConfigAlgorithm(base, experiment.loss_fn),
+        _ConfigAlgorithm(base, experiment.loss_fn,
+                         tuple(int(n) for n in experiment.train.client_sizes)),
         grid(**table),
         experiment.model.init,
         experiment.train,

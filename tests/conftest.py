@@ -41,6 +41,8 @@ SLOW = {
     "test_streaming.py::test_scaffold_with_a_markov_sampler_streamed_equals_device_data",
     "test_benchmarks.py::test_scale_streaming_rows_report_device_bytes_and_overlap",
     "test_sampling_search.py::test_benchmark_smoke_writes_the_shares",
+    "test_per_client.py::test_per_client_lambda_travels_with_its_client_under_every_client_map",
+    "test_per_client.py::test_a_sweep_over_a_per_client_rate_equals_single_runs",
 }
 
 

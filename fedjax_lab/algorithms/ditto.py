@@ -31,10 +31,12 @@ def ditto(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
     *,
-    lam: float = 0.1,
+    lam: float | kit.PerClient = 0.1,
     personal_optimizer: optax.GradientTransformation | None = None,
     server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,
+    client_learning_rate: float | kit.PerClient | None = None,
+    max_local_steps: int | kit.PerClient | None = None,
     unroll: int | bool = 1,
     name: str = "ditto",
 ) -> FederatedAlgorithm:
@@ -54,11 +56,17 @@ def ditto(
     Args:
       loss_fn: mean loss over real examples.
       client_optimizer: optax optimiser of the global part (default ``optax.sgd(0.1)``).
-      lam: ``λ >= 0`` (the paper tunes it in {0.05, 0.1, 0.2, 0.5, 1, 2}).
+      lam: ``λ >= 0`` (the paper tunes it in {0.05, 0.1, 0.2, 0.5, 1, 2}), or one per client
+        (:func:`fedjax_lab.kit.per_client`).
       personal_optimizer: optax optimiser of the personal part (default: ``client_optimizer``).
       server_optimizer: the server optimiser of the global model (default
         ``fl.server.fed_sgd(server_learning_rate)``).
       server_learning_rate: ``γ`` (1.0: FedAvg).
+      client_learning_rate: instead of ``client_optimizer``: SGD at this rate, scalar or per
+        client (:func:`fedjax_lab.kit.per_client`); the personal part uses it too unless
+        ``personal_optimizer`` is given.
+      max_local_steps: cap on each client's real local steps (both parts), a whole number or
+        per client.
       unroll: ``lax.scan`` unroll of the local steps.
       name: a label for logs and tables.
 
@@ -83,33 +91,57 @@ def ditto(
     """
     kit.check_loss_fn(loss_fn)
     kit.check_positive("lam", lam, allow_zero=True, hint=" (the regularisation λ)")
-    client_optimizer = kit.client_optimizer(client_optimizer)
-    personal_optimizer = (
-        client_optimizer if personal_optimizer is None else kit.client_optimizer(personal_optimizer)
-    )
+    lr_per_client = isinstance(client_learning_rate, kit.PerClient)
+    if lr_per_client:
+        if client_optimizer is not None:
+            raise ValueError(
+                "client_learning_rate: give either client_optimizer or a per-client "
+                "client_learning_rate (plain SGD at each client's rate), not both."
+            )
+        kit.check_positive("client_learning_rate", client_learning_rate, allow_zero=True)
+    else:
+        client_optimizer = kit.client_optimizer(client_optimizer, client_learning_rate)
+    kit.check_step_budget("max_local_steps", max_local_steps)
+    personal_given = personal_optimizer is not None
+    if personal_given:
+        personal_optimizer = kit.client_optimizer(personal_optimizer)
+    elif not lr_per_client:
+        personal_optimizer = client_optimizer
     server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
     aggregator = aggregators_lib.weighted_mean()
-    train = kit.local_training(loss_fn, client_optimizer, unroll=unroll)
+    train = None if lr_per_client else kit.local_training(loss_fn, client_optimizer, unroll=unroll)
+    per_client = {"lam": lam, "client_learning_rate": client_learning_rate,
+                  "max_local_steps": max_local_steps}
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
         n = kit.check_num_clients(num_clients)
+        kit.check_per_client(n, **per_client)
         personal = () if n is None else kit.copies_per_client(params, n)
         return kit.server_state(params, server_optimizer, aggregator, client_states=personal)
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
         kit.require_client_state(client.state, name)
         w = state.params
-        result = train(w, client.batches, key)
+        lam_i, lr, steps = kit.for_client(
+            (lam, client_learning_rate, max_local_steps), client.client_id
+        )
+        if lr_per_client:
+            global_train = kit.local_training(loss_fn, optax.sgd(lr), unroll=unroll)
+            personal_opt = personal_optimizer if personal_given else optax.sgd(lr)
+        else:
+            global_train, personal_opt = train, personal_optimizer
+        result = global_train(w, client.batches, key, max_steps=steps)
 
         def personal_loss(v, batch, k):
             diff = optax.tree.sub(v, w)
-            return loss_fn(v, batch, k) + 0.5 * lam * optax.tree.vdot(diff, diff)
+            return loss_fn(v, batch, k) + 0.5 * lam_i * optax.tree.vdot(diff, diff)
 
-        personal = kit.local_training(personal_loss, personal_optimizer, unroll=unroll)
-        v = personal(client.state, client.batches, key).params  # all-masked steps: v unchanged
+        personal = kit.local_training(personal_loss, personal_opt, unroll=unroll)
+        # all-masked (or over-budget) steps: v unchanged
+        v = personal(client.state, client.batches, key, max_steps=steps).params
         return ClientOutput(kit.client_delta(w, result.params), client.weight, result.metrics, v)
 
     server_update = kit.server_step(server_optimizer)
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
-                              check_data=kit.data_check(loss_fn))
+                              check_data=kit.data_check(loss_fn, **per_client))

@@ -24,7 +24,7 @@ from fedjax_lab._types import (
     ServerState,
 )
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.client import Regularizer
+from fedjax_lab.client import Regularizer, proximal
 
 __all__ = ["fed_adagrad", "fed_adam", "fed_avg", "fed_avgm", "fed_opt", "fed_yogi"]
 
@@ -36,6 +36,8 @@ def fed_opt(
     server_optimizer: optax.GradientTransformation | None = None,
     *,
     server_learning_rate: float = 1.0,
+    client_learning_rate: float | kit.PerClient | None = None,
+    max_local_steps: int | kit.PerClient | None = None,
     aggregator: Aggregator | None = None,
     regularizer: Regularizer | None = None,
     unroll: int | bool = 1,
@@ -56,6 +58,11 @@ def fed_opt(
       server_optimizer: optax transformation fed the pseudo-gradient (see
         :mod:`fedjax_lab.server`); ``None``: ``fl.server.fed_sgd(server_learning_rate)``.
       server_learning_rate: the FedSGD rate when ``server_optimizer`` is ``None``.
+      client_learning_rate: instead of ``client_optimizer``: plain local SGD at this rate
+        (``> 0``), or at a per-client rate (:func:`fedjax_lab.kit.per_client`, each ``>= 0``;
+        a client of rate 0 sends a zero delta).
+      max_local_steps: optional cap on each client's real local steps (``>= 0``; a whole
+        number or a :func:`fedjax_lab.kit.per_client` budget); ``None``: no cap.
       aggregator: how client deltas are combined (default
         :func:`fedjax_lab.aggregators.weighted_mean`).
       regularizer: optional local regulariser ``(params, server_params) -> scalar``.
@@ -77,30 +84,81 @@ def fed_opt(
       >>> int(state.round)
       0
     """
-    kit.check_loss_fn(loss_fn)
-    client_optimizer = kit.client_optimizer(client_optimizer)
-    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
-    aggregator = aggregator if aggregator is not None else aggregators_lib.weighted_mean()
-    train = kit.local_training(
-        loss_fn,
-        client_optimizer,
-        unroll=unroll,
-        regularizer=regularizer,
-        skip_empty_steps=skip_empty_steps,
+    return fed_opt_core(
+        loss_fn, client_optimizer, server_optimizer, server_learning_rate=server_learning_rate,
+        client_learning_rate=client_learning_rate, max_local_steps=max_local_steps,
+        aggregator=aggregator, regularizer=regularizer, unroll=unroll,
+        skip_empty_steps=skip_empty_steps, name=name,
     )
 
+
+def fed_opt_core(
+    loss_fn: LossFn,
+    client_optimizer: optax.GradientTransformation | None,
+    server_optimizer: optax.GradientTransformation | None,
+    *,
+    server_learning_rate: float,
+    client_learning_rate: float | kit.PerClient | None,
+    max_local_steps: int | kit.PerClient | None,
+    aggregator: Aggregator | None,
+    regularizer: Regularizer | None,
+    unroll: int | bool,
+    skip_empty_steps: bool,
+    name: str,
+    mu: float | kit.PerClient | None = None,
+) -> FederatedAlgorithm:
+    """:func:`fed_opt`, and FedProx's proximal ``mu`` (scalar or per client) when given."""
+    kit.check_loss_fn(loss_fn)
+    lr_per_client = isinstance(client_learning_rate, kit.PerClient)
+    if lr_per_client:
+        if client_optimizer is not None:
+            raise ValueError(
+                "client_learning_rate: give either client_optimizer or a per-client "
+                "client_learning_rate (plain SGD at each client's rate), not both."
+            )
+        kit.check_positive("client_learning_rate", client_learning_rate, allow_zero=True)
+    else:
+        client_optimizer = kit.client_optimizer(client_optimizer, client_learning_rate)
+    kit.check_step_budget("max_local_steps", max_local_steps)
+    if mu is not None:
+        if regularizer is not None:
+            raise ValueError("mu: give either mu (the proximal term) or a regularizer, not both.")
+        if isinstance(mu, kit.PerClient):
+            kit.check_positive("mu", mu, allow_zero=True, hint=" (the proximal coefficient)")
+        else:
+            regularizer = proximal(mu)
+    server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
+    aggregator = aggregator if aggregator is not None else aggregators_lib.weighted_mean()
+    per_client = {"client_learning_rate": client_learning_rate,
+                  "max_local_steps": max_local_steps, "mu": mu}
+    options = dict(unroll=unroll, skip_empty_steps=skip_empty_steps)
+    if lr_per_client or isinstance(mu, kit.PerClient):
+        train = None  # built per client, from its own rate and mu
+    else:
+        train = kit.local_training(loss_fn, client_optimizer, regularizer=regularizer, **options)
+
+    def client_train(client_id):
+        if train is not None:
+            return train
+        lr, mu_i = kit.for_client((client_learning_rate, mu), client_id)
+        opt = optax.sgd(lr) if lr_per_client else client_optimizer
+        reg = proximal(mu_i) if isinstance(mu, kit.PerClient) else regularizer
+        return kit.local_training(loss_fn, opt, regularizer=reg, **options)
+
     def init(params: Params, num_clients: int | None = None) -> ServerState:
-        del num_clients
+        kit.check_per_client(kit.check_num_clients(num_clients), **per_client)
         return kit.server_state(params, server_optimizer, aggregator)
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
-        result = train(state.params, client.batches, key)
+        steps = kit.for_client(max_local_steps, client.client_id)
+        result = client_train(client.client_id)(state.params, client.batches, key,
+                                                max_steps=steps)
         return ClientOutput(kit.client_delta(state.params, result.params), client.weight,
                             result.metrics, ())
 
     server_update = kit.server_step(server_optimizer)
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
-                              check_data=kit.data_check(loss_fn))
+                              check_data=kit.data_check(loss_fn, **per_client))
 
 
 @register("fedavg")
@@ -110,6 +168,8 @@ def fed_avg(
     *,
     server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,
+    client_learning_rate: float | kit.PerClient | None = None,
+    max_local_steps: int | kit.PerClient | None = None,
     aggregator: Aggregator | None = None,
     unroll: int | bool = 1,
     skip_empty_steps: bool = True,
@@ -125,6 +185,9 @@ def fed_avg(
       client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
       server_optimizer: the server optimiser (default ``fl.server.fed_sgd(server_learning_rate)``).
       server_learning_rate: ``η_g`` (1.0 = plain averaging).
+      client_learning_rate: instead of ``client_optimizer``: local SGD at this rate, or at a
+        per-client rate (:func:`fedjax_lab.kit.per_client`), as in :func:`fed_opt`.
+      max_local_steps: cap on each client's real local steps (a whole number or per client).
       aggregator: how client deltas are combined (default weighted mean).
       unroll: ``lax.scan`` unroll of the local steps.
       skip_empty_steps: see :func:`fedjax_lab.client.local_loop`.
@@ -139,9 +202,13 @@ def fed_avg(
       >>> alg = fl.algorithms.fed_avg(lambda p, b, k: jnp.sum(p ** 2))
       >>> alg.name
       'fedavg'
+      >>> lrs = fl.kit.per_client([0.1, 0.0, 0.3])  # client 1 does not move
+      >>> fl.algorithms.fed_avg(lambda p, b, k: jnp.sum(p ** 2), client_learning_rate=lrs).name
+      'fedavg'
     """
     return fed_opt(
         loss_fn, client_optimizer, server_optimizer, server_learning_rate=server_learning_rate,
+        client_learning_rate=client_learning_rate, max_local_steps=max_local_steps,
         aggregator=aggregator, unroll=unroll, skip_empty_steps=skip_empty_steps, name=name,
     )
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import optax
 
+from fedjax_lab import kit
 from fedjax_lab._types import Aggregator, FederatedAlgorithm, LossFn
 from fedjax_lab.algorithms._registry import register
-from fedjax_lab.algorithms.fedavg import fed_opt
-from fedjax_lab.client import proximal
+from fedjax_lab.algorithms.fedavg import fed_opt_core
 
 __all__ = ["fed_prox"]
 
@@ -17,9 +17,11 @@ def fed_prox(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
     *,
-    mu: float = 0.01,
+    mu: float | kit.PerClient = 0.01,
     server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,
+    client_learning_rate: float | kit.PerClient | None = None,
+    max_local_steps: int | kit.PerClient | None = None,
     aggregator: Aggregator | None = None,
     unroll: int | bool = 1,
     skip_empty_steps: bool = True,
@@ -35,9 +37,14 @@ def fed_prox(
     Args:
       loss_fn: mean loss over real examples.
       client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
-      mu: proximal coefficient ``μ >= 0`` (the paper tunes it in {0.001, 0.01, 0.1, 1}).
+      mu: proximal coefficient ``μ >= 0`` (the paper tunes it in {0.001, 0.01, 0.1, 1}), or one
+        per client (:func:`fedjax_lab.kit.per_client`).
       server_optimizer: server optimiser (default :func:`fedjax_lab.server.fed_sgd`).
       server_learning_rate: the FedSGD rate when ``server_optimizer`` is ``None``.
+      client_learning_rate: instead of ``client_optimizer``: local SGD at this rate (scalar or
+        per client), as in :func:`~fedjax_lab.algorithms.fed_opt`.
+      max_local_steps: cap on each client's real local steps (a whole number or per client);
+        FedProx's unequal local work.
       aggregator: how client deltas are combined (default weighted mean).
       unroll: ``lax.scan`` unroll of the local steps.
       skip_empty_steps: see :func:`fedjax_lab.client.local_loop`.
@@ -52,8 +59,9 @@ def fed_prox(
       >>> alg.name
       'fedprox'
     """
-    return fed_opt(
+    return fed_opt_core(
         loss_fn, client_optimizer, server_optimizer, server_learning_rate=server_learning_rate,
-        aggregator=aggregator, regularizer=proximal(mu), unroll=unroll,
+        client_learning_rate=client_learning_rate, max_local_steps=max_local_steps,
+        aggregator=aggregator, regularizer=None, mu=mu, unroll=unroll,
         skip_empty_steps=skip_empty_steps, name=name,
     )
