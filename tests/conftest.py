@@ -36,6 +36,9 @@ SLOW = {
     "test_cli.py::test_sweep_command_writes_csv_and_heatmap",
     "test_drift_algorithms.py::test_every_client_map_gives_the_same_result",
     "test_models.py::test_cnn_shapes_and_formulations_agree",
+    "test_sweep_axes.py::test_dirichlet_axis_rows_equal_runs_on_each_partition",
+    "test_sweep_axes.py::test_malicious_fraction_axis_and_mixed_attack_rows_equal_named_attacks",
+    "test_sweep_axes.py::test_noise_axis_rows_equal_single_runs_and_report_epsilon",
 }
 
 
