@@ -38,6 +38,8 @@ __all__ = [
     "gaussian",
     "is_malicious",
     "label_flip",
+    "malicious_mask",
+    "mixed",
     "scale",
     "sign_flip",
 ]
@@ -150,6 +152,80 @@ def label_flip(num_classes: int, label_key: str = "y") -> Attack:
     return Attack(poison, None, "label_flip")
 
 
+def mixed(
+    scale: float | jax.Array = 1.0,
+    noise: float | jax.Array = 0.0,
+    flip: float | jax.Array = 0.0,
+    *,
+    noise_std: float = 1.0,
+    num_classes: int | None = None,
+    label_key: str = "y",
+) -> Attack:
+    """Every attack above as one, by (possibly traced) coefficients: one program for them all.
+
+    A malicious client trains on labels ``y -> num_classes - 1 - y`` where ``flip > 0`` and
+    sends ``(1 - noise) * scale * Δ + noise * N(0, noise_std² I)``. With ``noise`` in {0, 1}
+    the coefficients give exactly: no attack ``(1, 0, 0)``, :func:`sign_flip` ``(-s, 0, 0)``,
+    :func:`scale` ``(s, 0, 0)``, :func:`gaussian` ``(·, 1, 0)`` (the same noise draw) and
+    :func:`label_flip` ``(1, 0, 1)`` (for finite updates: ``0 * Δ`` and ``Δ + 0`` are exact).
+    As traced arrays (a sweep's configuration values) all of them run in one compiled sweep.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> a = mixed(scale=-2.0)
+      >>> a.poison_update(jnp.ones(2), jnp.bool_(True), jax.random.key(0)).tolist()
+      [-2.0, -2.0]
+    """
+    if not noise_std >= 0:
+        raise ValueError(f"noise_std: must be >= 0, got {noise_std!r}.")
+    flips = isinstance(flip, jax.Array) or flip != 0
+    if flips and (
+        not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2
+    ):
+        raise ValueError(
+            f"num_classes: a label-flipping mixed attack needs the number of classes (>= 2), "
+            f"got {num_classes!r}."
+        )
+    noisy = gaussian(noise_std).poison_update
+
+    def poison_update(update, bad, key):
+        keep = 1.0 - jnp.asarray(noise, jnp.float32)
+        factor = keep * jnp.asarray(scale, jnp.float32)
+        sent = jax.tree.map(
+            lambda u, z: (factor * u + noise * z).astype(u.dtype),
+            update,
+            noisy(update, jnp.bool_(True), key),
+        )
+        return optax.tree.where(bad, sent, update)
+
+    poison_batches = None
+    if flips:
+        flipper = label_flip(num_classes, label_key).poison_batches
+
+        def poison_batches(batches, bad):
+            return flipper(batches, bad & (jnp.asarray(flip) > 0))
+
+    return Attack(poison_batches, poison_update, "mixed")
+
+
+def malicious_mask(fraction: float, num_clients: int, seed: int | None = None) -> np.ndarray:
+    """``bool[num_clients]``: the clients :func:`is_malicious` marks, as an array.
+
+    Pass it as ``attacked(..., malicious=mask)`` (or a sweep's configuration value, one mask
+    per row) to choose the malicious set per run without recompiling.
+
+    Example:
+      >>> malicious_mask(0.4, 5).tolist()
+      [True, True, False, False, False]
+    """
+    if not isinstance(num_clients, (int, np.integer)) or isinstance(num_clients, bool) or (
+        num_clients < 1
+    ):
+        raise ValueError(f"num_clients: need a whole number >= 1, got {num_clients!r}.")
+    ids = jnp.arange(int(num_clients))
+    return np.asarray(is_malicious(ids, fraction=fraction, num_clients=int(num_clients), seed=seed))
+
+
 ATTACKS = ("gaussian", "label_flip", "none", "scale", "sign_flip")
 """The attack names :func:`attacked` accepts (``"none"`` and the keys of :data:`REGISTRY`)."""
 
@@ -205,6 +281,7 @@ def attacked(
     noise_std: float = 1.0,
     num_classes: int | None = None,
     label_key: str = "y",
+    malicious: jax.Array | np.ndarray | None = None,
 ) -> FederatedAlgorithm:
     """``alg`` with its malicious clients (see :func:`is_malicious`) running ``attack``.
 
@@ -225,6 +302,10 @@ def attacked(
       noise_std: by name only: standard deviation of the ``gaussian`` attack.
       num_classes: by name only: number of classes, required by ``label_flip``.
       label_key: by name only: the batch entry holding integer labels (``label_flip``).
+      malicious: optional ``bool[num_clients]`` (possibly traced) mask of the malicious
+        clients, used instead of ``fraction`` / ``num_clients`` / ``seed``; client ``i`` is
+        malicious when ``malicious[i]`` (:func:`malicious_mask` gives :func:`is_malicious`'s
+        set, so the two ways agree exactly).
 
     Returns:
       A :class:`~fedjax_lab.FederatedAlgorithm` named ``f"{alg.name}+{attack name}"``.
@@ -250,6 +331,13 @@ def attacked(
     elif not isinstance(attack, Attack):
         raise TypeError(f"attack: expected an Attack or a name, got {type(attack).__name__}.")
     is_malicious(jnp.zeros((), jnp.int32), fraction=fraction, num_clients=num_clients, seed=seed)
+    if malicious is not None and (
+        np.ndim(malicious) != 1 or not jnp.issubdtype(jnp.asarray(malicious).dtype, jnp.bool_)
+    ):
+        raise ValueError(
+            f"malicious: need a bool[num_clients] mask (e.g. fl.attacks.malicious_mask(0.3, N)), "
+            f"got shape {np.shape(malicious)} dtype {jnp.asarray(malicious).dtype}."
+        )
     if attack == "none":
         return alg
     if isinstance(attack, str):
@@ -262,9 +350,13 @@ def attacked(
         attack = REGISTRY[attack](**options)
 
     def client_update(state, client: ClientInput, key: PRNGKey) -> ClientOutput:
-        bad = is_malicious(
-            client.client_id, fraction=fraction, num_clients=num_clients, seed=seed
-        )
+        if malicious is None:
+            bad = is_malicious(
+                client.client_id, fraction=fraction, num_clients=num_clients, seed=seed
+            )
+        else:
+            table = jnp.asarray(malicious)
+            bad = table[jnp.clip(client.client_id, 0, table.shape[0] - 1)]
         if attack.poison_batches is not None:
             client = client._replace(batches=attack.poison_batches(client.batches, bad))
         out = alg.client_update(state, client, key)

@@ -177,7 +177,9 @@ def dp_aggregator(
     Clip norm 0 sends zeros; ``noise_multiplier=0`` gives clipping without noise.
 
     Args:
-      noise_multiplier: ``z >= 0``, noise standard deviation in units of the clip norm.
+      noise_multiplier: ``z >= 0``, noise standard deviation in units of the clip norm; a
+        (traced) ``f32`` array is accepted too (a noise axis of :func:`fedjax_lab.run_sweep`),
+        and is then not checked here (nor ``2 σ_b > z``): the caller checks it on the host.
       clip_norm: ``C > 0`` (initial value when adaptive).
       expected_cohort_size: the fixed denominator ``m``; ``None`` uses the cohort size.
       per_layer: clip every leaf separately (budgets from ``layer_budget``).
@@ -208,7 +210,9 @@ def dp_aggregator(
       >>> [round(v, 3) for v in mean["w"].tolist()], float(total)
       ([0.35, 0.4], 2.0)
     """
-    _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
+    traced_z = isinstance(noise_multiplier, jax.Array)  # a sweep axis: checked by the sweep
+    if not traced_z:
+        _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
     _check_positive("clip_norm", clip_norm, allow_zero=True)
     if expected_cohort_size is not None:
         _check_positive("expected_cohort_size", expected_cohort_size)
@@ -227,6 +231,13 @@ def dp_aggregator(
         return denominator / 20.0
 
     def update_noise_multiplier(sigma_b):
+        if traced_z:
+            z = jnp.asarray(noise_multiplier, jnp.float32)
+            if not adaptive:
+                return z
+            inv = z**-2 - (2.0 * sigma_b) ** -2.0
+            z_update = jnp.where(inv > 0, jax.lax.rsqrt(jnp.maximum(inv, 1e-30)), jnp.inf)
+            return jnp.where(z == 0, jnp.float32(0.0), z_update)
         if not adaptive or noise_multiplier == 0:
             return jnp.float32(noise_multiplier)
         inv = noise_multiplier**-2 - (2.0 * sigma_b) ** -2.0
@@ -234,7 +245,7 @@ def dp_aggregator(
         # possible, see below); no noise budget is left for the update, so use infinite noise.
         return jnp.where(inv > 0, jax.lax.rsqrt(jnp.maximum(inv, 1e-30)), jnp.inf)
 
-    if adaptive and noise_multiplier > 0:
+    if adaptive and not traced_z and noise_multiplier > 0:
         if clipped_count_stddev is not None:
             sigma_b = clipped_count_stddev
         elif expected_cohort_size is not None:

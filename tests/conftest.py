@@ -43,6 +43,9 @@ SLOW = {
     "test_sampling_search.py::test_benchmark_smoke_writes_the_shares",
     "test_per_client.py::test_per_client_lambda_travels_with_its_client_under_every_client_map",
     "test_per_client.py::test_a_sweep_over_a_per_client_rate_equals_single_runs",
+    "test_sweep_axes.py::test_dirichlet_axis_rows_equal_runs_on_each_partition",
+    "test_sweep_axes.py::test_malicious_fraction_axis_and_mixed_attack_rows_equal_named_attacks",
+    "test_sweep_axes.py::test_noise_axis_rows_equal_single_runs_and_report_epsilon",
 }
 
 

@@ -24,6 +24,7 @@ way (kept for their configs).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import optax
 
@@ -159,6 +160,7 @@ def robust_fed_avg(
     num_classes: int | None = None,
     unroll: int | bool = 1,
     name: str | None = None,
+    attack_malicious: Any = None,
 ) -> FederatedAlgorithm:
     """FedAvg whose aggregate is a robust rule chosen by name, optionally under attack.
 
@@ -168,7 +170,8 @@ def robust_fed_avg(
     name of :data:`fedjax_lab.aggregators.REGISTRY`; ``trim_fraction`` (trimmed mean), ``f``,
     ``m`` (Krum), ``gm_iters``, ``nu`` (geometric median), ``tau``, ``cc_iters`` (centered
     clipping) are its hyper-parameters; ``attack*`` and ``num_classes`` go to
-    :func:`fedjax_lab.attacks.attacked`.
+    :func:`fedjax_lab.attacks.attacked` (``attack`` may also be an ``fl.attacks.Attack``, e.g.
+    :func:`fedjax_lab.attacks.mixed`; ``attack_malicious`` is its ``malicious`` mask).
 
     Example:
       >>> import jax.numpy as jnp
@@ -198,6 +201,7 @@ def robust_fed_avg(
         scale=attack_scale,
         noise_std=attack_noise_std,
         num_classes=num_classes,
+        malicious=attack_malicious,
     )
     return alg if name is None else alg._replace(name=name)
 
