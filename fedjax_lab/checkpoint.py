@@ -164,11 +164,26 @@ def params_sha256(tree: PyTree) -> str:
     return h.hexdigest()
 
 
+def _this_process() -> ocp.options.MultiprocessingOptions:
+    """Orbax options under which this process reads or writes a checkpoint on its own.
+
+    Under ``jax.distributed`` (several processes) orbax would otherwise wait at barriers for
+    every process to take part; fedjax_lab writes from process 0 only (every array is fully
+    replicated, so process 0 holds it all) and every process reads the same files itself.
+    """
+    if jax.process_count() == 1:
+        return ocp.options.MultiprocessingOptions()
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
 def _manager(path: Path, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         enable_async_checkpointing=False,  # save() returns only once the step is renamed
         cleanup_tmp_directories=True,  # the writer removes a killed writer's leftovers
+        multiprocessing_options=_this_process(),
+        create=jax.process_count() == 1,  # several processes: save() creates it first
     )
     return ocp.CheckpointManager(path, options=options, item_names=(_ARRAYS, _MANIFEST))
 
@@ -284,6 +299,8 @@ def save(
 
     paths, leaves, _ = _flatten(tree)
     stored = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
+    if jax.process_count() > 1:  # this process alone writes: host copies of replicated arrays
+        stored = [np.asarray(x) for x in stored]
     manifest = {
         "format": _FORMAT,
         "leaves": [
@@ -303,6 +320,7 @@ def save(
     items = {_MANIFEST: ocp.args.JsonSave(manifest)}
     if arrays:
         items[_ARRAYS] = ocp.args.StandardSave(arrays)
+    path.mkdir(parents=True, exist_ok=True)
     with _manager(path, keep) as manager:
         manager.save(step, args=ocp.args.Composite(**items), force=True)
         manager.wait_until_finished()
@@ -403,7 +421,12 @@ def restore(
     paths, like_leaves, treedef = _flatten(like)
     step_dir = path / str(step)
     # A bare Checkpointer reads the step directory and writes nothing.
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as reader:
+    from orbax.checkpoint._src.handlers.composite_checkpoint_handler import CompositeOptions
+
+    handler = ocp.CompositeCheckpointHandler(
+        composite_options=CompositeOptions(multiprocessing_options=_this_process())
+    )
+    with ocp.Checkpointer(handler, multiprocessing_options=_this_process()) as reader:
         try:
             manifest = reader.restore(
                 step_dir, args=ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()})
@@ -424,7 +447,7 @@ def restore(
                                        "metadata, leaf list or array digest was changed")
         _check_like(path, step, manifest, paths, like_leaves)
 
-        default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        default_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         wanted = []  # what each stored leaf must be: key data (uint32) for typed keys
         for entry, x in zip(saved, like_leaves, strict=True):
             if entry["key_impl"] is not None:

@@ -225,6 +225,36 @@ def _warn(msg: str) -> None:
     print(f"fedjax-lab: warning: {msg}", file=sys.stderr)
 
 
+def _seeds(cfg: dict[str, Any]) -> list[int]:
+    """The run's seeds: ``training.seed`` and, with ``training.seeds = S``, the next S - 1."""
+    training = cfg["training"]
+    return [training["seed"] + i for i in range(training.get("seeds", 1))]
+
+
+def _round_of(state: Any) -> int:
+    """The rounds a state has run (every seed of a stacked state stands at the same round)."""
+    import numpy as np
+
+    return int(np.asarray(state.round).reshape(-1)[0])
+
+
+def _is_writer() -> bool:
+    """Whether this process writes files: process 0 of a multi-process run (or the only one)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    """Every process waits here for the others (nothing to wait for with one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"fedjax_lab:{name}")
+
+
 class _Start(NamedTuple):
     state: Any
     run_key: Any
@@ -256,8 +286,19 @@ def _start(
     ckpt_dir = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
     training = cfg["training"]
-    init_key, run_key = jax.random.split(jax.random.key(training["seed"]))
-    state = alg.init(experiment.model.init(init_key), num_clients=experiment.train.num_clients)
+    seeds = _seeds(cfg)
+    states, keys = [], []
+    for seed in seeds:
+        init_key, run_key = jax.random.split(jax.random.key(seed))
+        states.append(alg.init(experiment.model.init(init_key),
+                               num_clients=experiment.train.num_clients))
+        keys.append(run_key)
+    if len(seeds) == 1:
+        state, run_key = states[0], keys[0]
+    else:  # one leading seed axis: the seeds run as one program (fl.sweep.run_seeds)
+        from fedjax_lab.sweep import stack_seeds
+
+        state, run_key = stack_seeds(states), stack_seeds(keys)
     steps = ckpt.complete_steps(ckpt_dir) if ckpt_dir.is_dir() else []
     if not resume:
         if steps or metrics_path.exists():
@@ -312,7 +353,7 @@ def _start(
                 f"--resume: the checkpoint in {ckpt_dir} was written by a different config ("
                 + "; ".join(diff) + "); resume with the same config or choose another --out."
             )
-    done = int(tree["state"].round)
+    done = _round_of(tree["state"])
     if done > training["rounds"]:
         raise ValueError(
             f"--rounds: the checkpoint {ckpt_dir}/{step} is at round {done}, past "
@@ -347,6 +388,69 @@ def _start(
     return _Start(tree["state"], tree["key"], list(meta["history"]), changes)
 
 
+def _seed_rows(history: list, seeds: list[int]) -> list[dict[str, Any]]:
+    """``metrics.jsonl`` lines: the run's rows, or each seed's (round by round, with ``seed``)."""
+    if len(seeds) == 1:
+        return list(history)
+    return [{"round": rows[i]["round"], "seed": seed, **rows[i]}
+            for i in range(len(history[0])) for seed, rows in zip(seeds, history, strict=True)]
+
+
+def _mean_history(histories: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per round, the mean over seeds of ``train_loss`` and ``test_accuracy`` (finite ones)."""
+    import numpy as np
+
+    out = []
+    for rows in zip(*histories, strict=True):
+        row: dict[str, Any] = {"round": rows[0]["round"]}
+        for k in ("train_loss", "test_accuracy", "test_loss"):
+            vals = [r[k] for r in rows if r.get(k) is not None]
+            if vals:
+                row[k] = float(np.mean(vals))
+            elif k == "train_loss":
+                row[k] = None
+        out.append(row)
+    return out
+
+
+_SEED_METRICS = ("test_accuracy", "test_loss", "client_accuracy_mean", "client_accuracy_p10",
+                 "client_accuracy_p50", "client_accuracy_p90", "client_accuracy_std",
+                 "final_train_loss")
+
+
+def _final_metrics(final: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "test_accuracy": final["accuracy"],
+        "test_loss": final["loss"],
+        "client_accuracy_mean": final["accuracy_client_mean"],
+        "client_accuracy_p10": final["accuracy_p10"],
+        "client_accuracy_p50": final["accuracy_p50"],
+        "client_accuracy_p90": final["accuracy_p90"],
+        "client_accuracy_std": final["accuracy_std"],
+        "final_train_loss": history[-1]["train_loss"] if history else None,
+    }
+
+
+def _warn_rounds(name: str, history: list[dict[str, Any]], *, warn: bool = True) -> str:
+    """Warns about refused and idle rounds of one run (or seed); returns the idle ranges."""
+    for reason in ("non_finite_update", "update_norm", "non_finite_server_state"):
+        refused = [r["round"] for r in history if r.get("skip_reason") == reason]
+        if refused and warn:
+            _warn(
+                f"{name}: round(s) {_ranges(refused)} were refused by the guarded server step "
+                f"({reason}): the aggregate or the new server state was not finite (or above "
+                "max_update_norm), so the state was kept as it was before those rounds."
+            )
+    idle = [r["round"] for r in history if r.get("train_loss") is None]
+    if idle and warn:
+        _warn(
+            f"{name}: no client trained in round(s) {_ranges(idle)} of {len(history)}: every "
+            "sampled client was dropped (its update was not finite, e.g. a learning rate too "
+            "large) or held no example; train_loss is null there and the model did not change."
+        )
+    return _ranges(idle)
+
+
 def _run_one(
     experiment: exp_lib.Experiment,
     label: str,
@@ -355,7 +459,13 @@ def _run_one(
     *,
     progress: bool,
 ) -> dict[str, Any]:
-    """Runs one algorithm of the experiment from ``start`` with checkpoints; returns its summary."""
+    """Runs one algorithm of the experiment from ``start`` with checkpoints; returns its summary.
+
+    With ``training.seeds = S > 1`` the S seeds advance together, one compiled program a block
+    (:func:`fedjax_lab.sweep.run_seeds`), and the final metrics are mean ± 95% CI over them.
+    Under ``jax.distributed`` every process runs the same blocks and only process 0 writes
+    (metrics, checkpoints, summaries); the others wait for each checkpoint to be on disk.
+    """
     import jax
     import numpy as np
     from tqdm.auto import tqdm
@@ -364,6 +474,7 @@ def _run_one(
     from fedjax_lab import experiment as exp_lib
     from fedjax_lab import metrics as metrics_lib
     from fedjax_lab.rounds import run_rounds
+    from fedjax_lab.sweep import run_seeds
 
     cfg = experiment.config
     training, evaluation, checkpointing = cfg["training"], cfg["evaluation"], cfg["checkpoint"]
@@ -373,25 +484,32 @@ def _run_one(
     metrics_path = run_dir / "metrics.jsonl"
     total = training["rounds"]
     block = evaluation["every"]
+    seeds = _seeds(cfg)
+    multi = len(seeds) > 1
+    writer = _is_writer()
     state, run_key, history = start.state, start.run_key, list(start.history)
+    if multi:
+        history = [list(h) for h in history] if history else [[] for _ in seeds]
     execution = _execution(experiment)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(metrics_path, "w") as f:  # what the checkpoint holds; later lines were lost
-        f.writelines(_json(row) + "\n" for row in history)
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(metrics_path, "w") as f:  # what the checkpoint holds; later lines were lost
+            f.writelines(_json(row) + "\n" for row in _seed_rows(history, seeds))
 
-    done = int(state.round)
+    done = _round_of(state)
     existing = ckpt.complete_steps(ckpt_dir) if ckpt_dir.is_dir() else []
     start_wall = time.perf_counter()
-    bar = tqdm(total=total, initial=done, desc=label, unit="round", disable=not progress,
-               dynamic_ncols=True, file=sys.stderr)
-    last_acc = next((r["test_accuracy"] for r in reversed(history) if "test_accuracy" in r),
-                    None)
+    bar = tqdm(total=total, initial=done, desc=label, unit="round",
+               disable=not progress or not writer, dynamic_ncols=True, file=sys.stderr)
+    shown = _mean_history(history) if multi else history
+    last_acc = next((r["test_accuracy"] for r in reversed(shown) if "test_accuracy" in r), None)
     while done < total:
         # Blocks end on multiples of `block`, as in a run never interrupted (an extended run
         # that had ended mid-block realigns).
         n = min(block - done % block, total - done)
-        state, hist = run_rounds(
+        run = run_seeds if multi else run_rounds
+        state, hist = run(
             alg, state, experiment.train, run_key,
             num_rounds=n,
             cohort_size=training["cohort_size"],
@@ -407,11 +525,20 @@ def _run_one(
             eval_every=block,
             eval_batch_size=evaluation["batch_size"],
         )
-        rows = _rows(hist, done)
+        if multi:
+            hist = jax.device_get(hist)
+            new = [_rows(jax.tree.map(lambda x, i=i: x[i], hist), done) for i in range(len(seeds))]
+            for h, rows in zip(history, new, strict=True):
+                h.extend(rows)
+            rows = _mean_history(new)
+            lines = _seed_rows(new, seeds)
+        else:
+            rows = lines = _rows(hist, done)
+            history.extend(rows)
         done += n
-        history.extend(rows)
-        with open(metrics_path, "a") as f:
-            f.writelines(_json(row) + "\n" for row in rows)
+        if writer:
+            with open(metrics_path, "a") as f:
+                f.writelines(_json(row) + "\n" for row in lines)
         last_acc = rows[-1].get("test_accuracy", last_acc)
         loss = rows[-1]["train_loss"]
         postfix = {"loss": "no client" if loss is None else f"{loss:.4f}"}
@@ -422,74 +549,116 @@ def _run_one(
         if done % checkpointing["every"] == 0 or done == total:
             if existing and done <= existing[-1]:
                 continue  # a step kept from before (e.g. a corrupt one): never overwritten
-            ckpt.save(
-                ckpt_dir, done, {"state": state, "key": run_key},
-                metadata={"label": label, "config": _jsonable(cfg), "history": history,
-                          "execution": execution, "device_changes": start.device_changes},
-                keep=checkpointing["keep"],
-            )
+            if writer:
+                ckpt.save(
+                    ckpt_dir, done, {"state": state, "key": run_key},
+                    metadata={"label": label, "config": _jsonable(cfg), "history": history,
+                              "execution": execution, "device_changes": start.device_changes},
+                    keep=checkpointing["keep"],
+                )
+            _barrier(f"{label}:checkpoint:{done}")  # no process runs ahead of the files
     bar.close()
     wall = time.perf_counter() - start_wall
-    for reason in ("non_finite_update", "update_norm", "non_finite_server_state"):
-        refused = [r["round"] for r in history if r.get("skip_reason") == reason]
-        if refused:
-            _warn(
-                f"{label}: round(s) {_ranges(refused)} were refused by the guarded server step "
-                f"({reason}): the aggregate or the new server state was not finite (or above "
-                "max_update_norm), so the state was kept as it was before those rounds."
-            )
-    idle = [r["round"] for r in history if r.get("train_loss") is None]
-    if idle:
-        _warn(
-            f"{label}: no client trained in round(s) {_ranges(idle)} of {len(history)}: every "
-            "sampled client was dropped (its update was not finite, e.g. a learning rate too "
-            "large) or held no example; train_loss is null there and the model did not change."
-        )
 
-    final = metrics_lib.evaluate(
-        experiment.eval_fn, state.params, experiment.test, batch_size=evaluation["batch_size"]
-    )
-    summary = {
+    per_seed_state = ([jax.tree.map(lambda x, i=i: x[i], state) for i in range(len(seeds))]
+                      if multi else [state])
+    per_seed_history = history if multi else [history]
+    finals, metrics, idles = [], [], []
+    for seed, st, hist_rows in zip(seeds, per_seed_state, per_seed_history, strict=True):
+        final = metrics_lib.evaluate(
+            experiment.eval_fn, st.params, experiment.test, batch_size=evaluation["batch_size"]
+        )
+        finals.append(final)
+        metrics.append(_final_metrics(final, hist_rows))
+        idles.append(_warn_rounds(f"{label} (seed {seed})" if multi else label, hist_rows,
+                                  warn=writer))
+    hashes = [ckpt.params_sha256(st.params) for st in per_seed_state]
+    summary: dict[str, Any] = {
         "label": label,
         "algorithm": alg.name,
-        "rounds": int(state.round),
+        "rounds": done,
         "wall_time_s": wall,
-        "test_accuracy": final["accuracy"],
-        "test_loss": final["loss"],
-        "client_accuracy_mean": final["accuracy_client_mean"],
-        "client_accuracy_p10": final["accuracy_p10"],
-        "client_accuracy_p50": final["accuracy_p50"],
-        "client_accuracy_p90": final["accuracy_p90"],
-        "client_accuracy_std": final["accuracy_std"],
-        "final_train_loss": history[-1]["train_loss"] if history else None,
-        "rounds_no_client_trained": _ranges(idle) or None,
-        "params_sha256": ckpt.params_sha256(state.params),
-        "execution": execution,
     }
+    if multi:
+        summary["seeds"] = seeds
+        summary.update({k: metrics_lib.mean_ci95([m[k] for m in metrics])
+                        for k in _SEED_METRICS})
+        summary["rounds_no_client_trained"] = [i or None for i in idles]
+        summary["params_sha256"] = hashes
+    else:
+        summary.update(metrics[0])
+        summary["rounds_no_client_trained"] = idles[0] or None
+        summary["params_sha256"] = hashes[0]
+    summary["execution"] = execution
     if start.device_changes:
         summary["device_changes"] = start.device_changes
     spec = next(a for a in cfg["algorithms"] if a.get("label", a["name"]) == label)
-    spent = exp_lib.privacy_spent(cfg, spec, int(state.round), experiment.train.num_clients)
+    spent = exp_lib.privacy_spent(cfg, spec, done, experiment.train.num_clients)
     if spent is not None:
         summary.update(spent)
         if summary["epsilon"] == float("inf"):
             summary["epsilon"] = None  # JSON has no infinity; noise_multiplier 0 says why
-    np.savetxt(run_dir / "client_accuracy.txt", final["client_accuracy"], fmt="%.6f")
-    (run_dir / "summary.json").write_text(_json(summary, indent=2) + "\n")
-    init_key, _ = jax.random.split(jax.random.key(training["seed"]))
-    initial = metrics_lib.evaluate(  # the round-0 point of the accuracy plot
-        experiment.eval_fn, experiment.model.init(init_key), experiment.test,
-        batch_size=evaluation["batch_size"],
-    )
-    return {"summary": summary, "history": history, "client_accuracy": final["client_accuracy"],
-            "initial_eval": initial}
+    client_acc = np.stack([f["client_accuracy"] for f in finals], axis=-1)  # [clients, seeds]
+    if writer:
+        np.savetxt(run_dir / "client_accuracy.txt", client_acc if multi else client_acc[:, 0],
+                   fmt="%.6f")
+        (run_dir / "summary.json").write_text(_json(summary, indent=2) + "\n")
+    initial = []
+    for seed in seeds:  # the round-0 point of the accuracy plot
+        init_key, _ = jax.random.split(jax.random.key(seed))
+        initial.append(metrics_lib.evaluate(
+            experiment.eval_fn, experiment.model.init(init_key), experiment.test,
+            batch_size=evaluation["batch_size"],
+        ))
+    if not multi:
+        return {"summary": summary, "history": history,
+                "client_accuracy": finals[0]["client_accuracy"], "initial_eval": initial[0]}
+    return {
+        "summary": summary,
+        "history": _mean_history(history),
+        "seed_histories": history,
+        "client_accuracy": client_acc.mean(axis=-1),  # each client's mean over the seeds
+        "initial_eval": {k: float(np.mean([e[k] for e in initial]))
+                         for k in ("accuracy", "accuracy_client_mean")},
+        "initial_evals": initial,
+    }
 
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+def _pm(m: dict[str, Any]) -> str:
+    """``{"mean": .8123, "ci95": .0041}`` -> ``"0.8123 ± 0.0041"`` (no interval: the mean)."""
+    if m["mean"] is None:
+        return "no client"
+    return f"{m['mean']:.4f}" + ("" if m["ci95"] is None else f" ± {m['ci95']:.4f}")
+
+
+def _seeds_table(results: dict[str, dict[str, Any]]) -> list[str]:
+    head = (f"{'algorithm':<14}{'seeds':>6}{'test acc':>19}{'client p10':>19}"
+            f"{'client mean':>19}{'train loss':>19}{'wall s':>8}")
+    lines = [head, "-" * len(head)]
+    for label, res in results.items():
+        s = res["summary"]
+        if "seeds" not in s:
+            cells = [{"mean": s[k], "ci95": None} for k in (
+                "test_accuracy", "client_accuracy_p10", "client_accuracy_mean",
+                "final_train_loss")]
+            n = 1
+        else:
+            cells = [s[k] for k in ("test_accuracy", "client_accuracy_p10",
+                                    "client_accuracy_mean", "final_train_loss")]
+            n = len(s["seeds"])
+        lines.append(f"{label:<14}{n:>6}" + "".join(f"{_pm(c):>19}" for c in cells)
+                     + f"{s['wall_time_s']:>8.1f}")
+    lines.append("(mean ± half-width of the 95% confidence interval over the seeds, Student t)")
+    return lines
+
+
 def _table(results: dict[str, dict[str, Any]]) -> str:
+    if any("seeds" in res["summary"] for res in results.values()):
+        return "\n".join(_seeds_table(results) + _privacy_lines(results))
     head = (f"{'algorithm':<14}{'test acc':>9}{'client p10':>11}{'client mean':>12}"
             f"{'train loss':>11}{'wall s':>8}")
     lines = [head, "-" * len(head)]
@@ -501,6 +670,11 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
             f"{label:<14}{s['test_accuracy']:>9.4f}{s['client_accuracy_p10']:>11.4f}"
             f"{s['client_accuracy_mean']:>12.4f}{loss:>11}{s['wall_time_s']:>8.1f}"
         )
+    return "\n".join(lines + _privacy_lines(results))
+
+
+def _privacy_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
     for label, res in results.items():
         s = res["summary"]
         if "noise_multiplier" not in s:
@@ -516,7 +690,7 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
             f"(noise_multiplier {s['noise_multiplier']:g}, sampling rate {s['sampling_rate']:g}, "
             f"{s['accountant'].upper()} accountant; q = {s['sampling_note']})"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def _prepare_out(out: str | os.PathLike) -> Path:
@@ -551,6 +725,7 @@ def run_experiment(
     out: str | os.PathLike,
     *,
     rounds: int | None = None,
+    seeds: int | None = None,
     resume: bool = False,
     resume_from: int | None = None,
     allow_device_change: bool = False,
@@ -558,15 +733,24 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Runs a config (``None``: the default experiment) into ``out``; returns the summary dict.
 
+    ``seeds`` (``--seeds N``) overrides ``training.seeds``: N > 1 runs the seeds
+    ``training.seed .. training.seed + N - 1`` as one compiled program and reports every final
+    metric as ``{"mean", "ci95", "n", "per_seed"}`` (:func:`fedjax_lab.metrics.mean_ci95`).
     ``resume_from`` (a checkpoint step, implies ``resume``) resumes from that step instead of
     the newest intact one; ``allow_device_change`` continues a checkpoint written on another
     execution setup (client map, backend, device count) instead of refusing it.
 
+    Under ``jax.distributed`` (initialised first, e.g. by ``fedjax-lab run --coordinator``)
+    every process calls this with the same arguments; process 0 alone writes into ``out`` and
+    the others read its checkpoints, so ``out`` must be one directory every process sees (a
+    shared filesystem). Every process returns the same summary.
+
     Example (not run here: it trains):
-      ``fl.cli.run_experiment(None, "runs/default")``
+      ``fl.cli.run_experiment(None, "runs/default", seeds=8)``
     """
     import jax
 
+    from fedjax_lab import distributed
     from fedjax_lab import experiment as exp_lib
     from fedjax_lab import plots as plots_lib
 
@@ -576,6 +760,13 @@ def run_experiment(
             raise exp_lib.ConfigError(f"--rounds: need a whole number >= 1, got {rounds!r}.")
         cfg["training"]["rounds"] = rounds
         cfg = exp_lib.validate(cfg)
+    if seeds is not None:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise exp_lib.ConfigError(
+                f"--seeds: need a whole number >= 1 (how many seeds to run), got {seeds!r}."
+            )
+        if seeds > 1 or "seeds" in cfg["training"]:  # 1 left unset keeps the config as it was
+            cfg["training"]["seeds"] = seeds
     if resume_from is not None:
         if isinstance(resume_from, bool) or not isinstance(resume_from, int) or resume_from < 0:
             raise exp_lib.ConfigError(
@@ -583,33 +774,44 @@ def run_experiment(
                 f"{resume_from!r}."
             )
         resume = True
-    out = _prepare_out(out)
+    writer = _is_writer()
+    out = _prepare_out(out) if writer else Path(out)  # the others write nothing
     experiment = exp_lib.build(cfg)
-    print(f"fedjax-lab: {cfg['name']}", file=sys.stderr)
-    print(experiment.train.describe(), file=sys.stderr)
-    print(f"client map: {experiment.client_map.name} on {jax.default_backend()} "
-          f"({jax.local_device_count()} device(s))", file=sys.stderr)
+    if jax.process_count() > 1:
+        distributed.check_same_everywhere(experiment.train, name="train_data")
+    if writer:
+        print(f"fedjax-lab: {cfg['name']}", file=sys.stderr)
+        print(experiment.train.describe(), file=sys.stderr)
+        procs = (f", {jax.process_count()} processes ({jax.device_count()} devices in all)"
+                 if jax.process_count() > 1 else "")
+        print(f"client map: {experiment.client_map.name} on {jax.default_backend()} "
+              f"({jax.local_device_count()} device(s){procs})", file=sys.stderr)
     starts = {
         label: _start(experiment, label, out, resume=resume, resume_from=resume_from,
                       allow_device_change=allow_device_change)
         for label in experiment.algorithms
     }
+    _barrier("started")  # every process has checked --out before process 0 writes into it
     start = time.perf_counter()
     results = {
         label: _run_one(experiment, label, out, starts[label], progress=progress)
         for label in experiment.algorithms
     }
-    plots = plots_lib.write_experiment_plots(out, results, cfg)
     summary = {
         "config": cfg,
         "environment": _environment(),
         "wall_time_s": time.perf_counter() - start,
         "runs": {label: res["summary"] for label, res in results.items()},
-        "plots": plots,
+        "plots": list(plots_lib.EXPERIMENT_PLOTS),
     }
-    (out / "summary.json").write_text(_json(summary, indent=2) + "\n")
-    print(_table(results))
-    print(f"\nwrote {out}/summary.json, metrics.jsonl per run, {', '.join(plots)}")
+    if jax.process_count() > 1:
+        summary["processes"] = jax.process_count()
+    if writer:
+        summary["plots"] = plots_lib.write_experiment_plots(out, results, cfg)
+        (out / "summary.json").write_text(_json(summary, indent=2) + "\n")
+        print(_table(results))
+        print(f"\nwrote {out}/summary.json, metrics.jsonl per run, {', '.join(summary['plots'])}")
+    _barrier("written")  # no process exits (or reads the results) before process 0 wrote them
     return summary
 
 
@@ -714,6 +916,69 @@ def _choose_devices(
     return f"devices: {requested} CPU devices ({how})"
 
 
+_ENV_COORDINATOR = "FEDJAX_LAB_COORDINATOR"
+_ENV_NUM_PROCESSES = "FEDJAX_LAB_NUM_PROCESSES"
+_ENV_PROCESS_ID = "FEDJAX_LAB_PROCESS_ID"
+
+
+def _processes(
+    coordinator: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    environ: dict[str, str],
+) -> tuple[str, int, int] | None:
+    """The ``jax.distributed`` settings of ``fedjax-lab run``, checked; ``None``: one process.
+
+    Each of ``--coordinator``, ``--num-processes`` and ``--process-id`` falls back on its
+    environment variable (``FEDJAX_LAB_COORDINATOR``, ``FEDJAX_LAB_NUM_PROCESSES``,
+    ``FEDJAX_LAB_PROCESS_ID``); give all three or none. Checked before JAX loads.
+
+    Example:
+      >>> _processes("localhost:1234", 2, None, {"FEDJAX_LAB_PROCESS_ID": "1"})
+      ('localhost:1234', 2, 1)
+      >>> _processes(None, None, None, {}) is None
+      True
+      >>> _processes("localhost:1234", 2, 2, {})
+      Traceback (most recent call last):
+      ValueError: --process-id: must be in 0 .. --num-processes - 1 = 1, got 2.
+    """
+    values: dict[str, Any] = {}
+    for flag, env, value in (("--coordinator", _ENV_COORDINATOR, coordinator),
+                             ("--num-processes", _ENV_NUM_PROCESSES, num_processes),
+                             ("--process-id", _ENV_PROCESS_ID, process_id)):
+        if value is None and environ.get(env, "").strip():
+            value = environ[env].strip()
+            if flag != "--coordinator":
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise ValueError(
+                        f"{flag}: ${env} = {environ[env]!r} is not a whole number."
+                    ) from None
+        values[flag] = value
+    given = [f for f, v in values.items() if v is not None]
+    if not given:
+        return None
+    if len(given) < 3:
+        missing = [f for f in values if values[f] is None]
+        raise ValueError(
+            f"{', '.join(missing)}: needed with {', '.join(given)}: a multi-process run takes "
+            "--coordinator HOST:PORT, --num-processes N and --process-id I on every process "
+            f"(or ${_ENV_COORDINATOR}, ${_ENV_NUM_PROCESSES}, ${_ENV_PROCESS_ID})."
+        )
+    address, n, i = values["--coordinator"], values["--num-processes"], values["--process-id"]
+    if not re.match(r"^\[?[A-Za-z0-9_.:\-]+\]?:[0-9]{1,5}$", address):
+        raise ValueError(
+            f"--coordinator: expected HOST:PORT of process 0 (e.g. 10.0.0.1:12345), got "
+            f"{address!r}."
+        )
+    if isinstance(n, bool) or n < 1:
+        raise ValueError(f"--num-processes: need a whole number >= 1, got {n!r}.")
+    if isinstance(i, bool) or not 0 <= i < n:
+        raise ValueError(f"--process-id: must be in 0 .. --num-processes - 1 = {n - 1}, got {i!r}.")
+    return address, n, i
+
+
 def _parser() -> argparse.ArgumentParser:
     from fedjax_lab import __version__
 
@@ -739,6 +1004,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", help="TOML config (omit for the default experiment)")
     r.add_argument("--out", required=True, metavar="DIR", help="output directory")
     r.add_argument("--rounds", type=int, help="override training.rounds")
+    r.add_argument("--seeds", type=int, metavar="N",
+                   help="override training.seeds: run N seeds as one compiled program and "
+                        "report mean ± 95%% CI")
     r.add_argument("--resume", action="store_true",
                    help="continue from the newest intact checkpoint (a corrupt newer one is left "
                         "in place and reported); with --rounds N larger, extend a finished run")
@@ -748,6 +1016,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume a checkpoint written with another client map or device count "
                         "(the result then differs from an uninterrupted run in float rounding)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = r.add_argument_group(
+        "several processes (jax.distributed; process 0 writes, --out on a shared filesystem)")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help=f"address of process 0 (default: ${_ENV_COORDINATOR})")
+    g.add_argument("--num-processes", type=int, metavar="N",
+                   help=f"how many processes take part (default: ${_ENV_NUM_PROCESSES})")
+    g.add_argument("--process-id", type=int, metavar="I",
+                   help=f"this process's index, 0 .. N-1 (default: ${_ENV_PROCESS_ID})")
     s = sub.add_parser(
         "sweep", parents=[devices], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="run the config's [sweep] grid as one compiled program",
@@ -824,10 +1100,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             _config_command(args)
             return 0
+        processes = None
+        if args.command == "run":
+            processes = _processes(args.coordinator, args.num_processes, args.process_id,
+                                   os.environ)
         print(_choose_devices(args.devices, os.environ, jax_loaded="jax" in sys.modules),
               file=sys.stderr)
+        if processes is not None:  # before anything else touches JAX
+            from fedjax_lab import distributed
+
+            distributed.initialize(*processes)
+            print(f"processes: {processes[2]} of {processes[1]} (coordinator {processes[0]})",
+                  file=sys.stderr)
         if args.command == "run":
-            run_experiment(_load(args.config), args.out, rounds=args.rounds,
+            run_experiment(_load(args.config), args.out, rounds=args.rounds, seeds=args.seeds,
                            resume=args.resume, resume_from=args.resume_from,
                            allow_device_change=args.allow_device_change,
                            progress=not args.no_progress)

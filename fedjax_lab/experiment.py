@@ -133,6 +133,7 @@ _TRAINING = {
     "chunk_size": (int, 1),
     "weighting": (str, None),
     "seed": (int, 0),
+    "seeds": (int, 1),
     "max_update_norm": (float, None),
 }
 _EVALUATION = {"every": (int, 1), "batch_size": (int, 1)}
@@ -890,6 +891,7 @@ _SPEC_ALLOWED = {
 }
 _SPEC_DEFAULTS = {
     ("training", "weighting"): "num_examples",
+    ("training", "seeds"): 1,
     ("privacy", "delta"): DEFAULT_DELTA,
     ("privacy", "accountant"): "rdp",
 }
@@ -1017,6 +1019,9 @@ def reference(algorithm: str | None = None) -> str:
     for section, spec in (("training", _TRAINING), ("evaluation", _EVALUATION),
                           ("checkpoint", _CHECKPOINT), ("privacy", _PRIVACY)):
         out += ["", f"[{section}]", *("  " + line for line in _spec_lines(section, spec))]
+        if section == "training":
+            out.append("  (seeds = S > 1: the seeds seed, seed + 1, ..., seed + S - 1 run as one "
+                       "compiled program; final metrics as mean ± 95% CI)")
         if section == "checkpoint":
             out.append("  (checkpoint.every must be a multiple of evaluation.every)")
     out += ["", "[[algorithms]] (one table per run)", *common, "  hyper-parameters by name:"]

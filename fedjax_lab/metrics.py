@@ -1,4 +1,5 @@
-"""Per-client evaluation in one compiled program, and the distribution view of fairness."""
+"""Per-client evaluation in one compiled program, the distribution view of fairness, and
+error bars over seeds (:func:`mean_ci95`: mean ± the Student-t 95% confidence interval)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from fedjax_lab._types import Batch, Params
 from fedjax_lab.data._federated import FederatedData
 from fedjax_lab.models._core import check_data
 
-__all__ = ["evaluate", "summarize"]
+__all__ = ["evaluate", "mean_ci95", "summarize"]
 
 EvalFn = Callable[[Params, Batch], dict[str, jax.Array]]
 
@@ -144,3 +145,40 @@ def summarize(sums: dict[str, np.ndarray]) -> dict[str, Any]:
         for q in (10, 50, 90):
             out[f"accuracy_p{q}"] = float(np.percentile(real, q)) if real.size else float("nan")
     return out
+
+
+def mean_ci95(values: Any) -> dict[str, Any]:
+    """Mean and 95% confidence half-width of independent runs (e.g. one a seed).
+
+    The half-width is Student's ``t_{0.975, n-1} * s / sqrt(n)`` with ``s`` the sample standard
+    deviation (``ddof=1``): the interval ``mean ± ci95`` covers the true mean of the runs'
+    distribution 95% of the time when the runs are independent and roughly normal. With one
+    value there is no interval (``ci95`` is ``None``). ``None`` and non-finite values (a run in
+    which no client trained) are left out of ``mean`` and ``ci95`` and kept in ``per_seed``.
+
+    Args:
+      values: one number per run (a sequence; ``None`` allowed).
+
+    Returns:
+      ``{"mean": float | None, "ci95": float | None, "n": int, "per_seed": [values]}`` where
+      ``n`` counts the finite values.
+
+    Example:
+      >>> r = mean_ci95([0.80, 0.82, 0.84])
+      >>> round(r["mean"], 4), round(r["ci95"], 4), r["n"]  # t_{0.975,2} = 4.3027
+      (0.82, 0.0497, 3)
+      >>> mean_ci95([0.5])["ci95"] is None
+      True
+    """
+    from scipy import stats
+
+    per_seed = [None if v is None else float(v) for v in values]
+    if not per_seed:
+        raise ValueError("values: need at least one value (one per seed).")
+    finite = np.asarray([v for v in per_seed if v is not None and np.isfinite(v)], np.float64)
+    n = int(finite.size)
+    mean = float(finite.mean()) if n else None
+    ci95 = None
+    if n > 1:
+        ci95 = float(stats.t.ppf(0.975, n - 1) * finite.std(ddof=1) / np.sqrt(n))
+    return {"mean": mean, "ci95": ci95, "n": n, "per_seed": per_seed}

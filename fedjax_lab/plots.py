@@ -10,6 +10,12 @@ name the dataset, the partition and the cohort; legends carry each run's hyper-p
 examples); ``summary`` has the final evaluation (``rounds``, ``test_accuracy``,
 ``client_accuracy_mean``). An optional ``"initial_eval"`` (the dict of
 :func:`fedjax_lab.metrics.evaluate` on the initial parameters) adds the round-0 point.
+
+A run of several seeds (``training.seeds > 1``) has ``history`` the mean over seeds, summary
+metrics as ``{"mean", "ci95", ...}`` (:func:`fedjax_lab.metrics.mean_ci95`) and
+``"seed_histories"`` (one history per seed): its curves are the mean with a shaded band, the
+95% confidence interval over the seeds at each round (and ``initial_evals``, one a seed, give
+the band at round 0).
 """
 
 from __future__ import annotations
@@ -106,6 +112,33 @@ def _ema(values: np.ndarray, weight: float) -> np.ndarray:
     return out
 
 
+def _mean(v: Any) -> Any:
+    """A summary value: a number, or the ``mean`` of a multi-seed ``{"mean", "ci95"}``."""
+    return v.get("mean") if isinstance(v, Mapping) else v
+
+
+def _band(seed_rows: Sequence[Sequence[Mapping[str, Any]]], key: str,
+          transform: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rounds and the 95% CI band (mean ± ci95 over seeds) of ``key`` where every seed has it."""
+    from fedjax_lab.metrics import mean_ci95
+
+    rounds, lo, hi = [], [], []
+    columns = []
+    for rows in seed_rows:
+        pts = {int(r["round"]): r[key] for r in rows if r.get(key) is not None}
+        columns.append(pts)
+    if transform is not None:  # e.g. the EMA of each seed's curve, as drawn
+        columns = [dict(zip(c, transform(np.asarray(list(c.values()), float)), strict=True))
+                   for c in columns]
+    for r in sorted(set.intersection(*(set(c) for c in columns)) if columns else ()):
+        m = mean_ci95([c[r] for c in columns])
+        if m["ci95"] is not None:
+            rounds.append(r)
+            lo.append(m["mean"] - m["ci95"])
+            hi.append(m["mean"] + m["ci95"])
+    return np.asarray(rounds, float), np.asarray(lo), np.asarray(hi)
+
+
 def _accuracy_points(res: Mapping[str, Any]) -> tuple[list[tuple[int, float]], list[tuple]]:
     """Pooled ``(round, accuracy)`` points and client-mean points of one run, round order."""
     pooled = {int(r["round"]): float(r["test_accuracy"])
@@ -117,10 +150,10 @@ def _accuracy_points(res: Mapping[str, Any]) -> tuple[list[tuple[int, float]], l
         if "accuracy_client_mean" in init:
             mean[0] = float(init["accuracy_client_mean"])
     s = res.get("summary", {})
-    if s.get("test_accuracy") is not None and s.get("rounds") is not None:
-        pooled[int(s["rounds"])] = float(s["test_accuracy"])  # the final evaluation
-        if s.get("client_accuracy_mean") is not None:
-            mean[int(s["rounds"])] = float(s["client_accuracy_mean"])
+    if _mean(s.get("test_accuracy")) is not None and s.get("rounds") is not None:
+        pooled[int(s["rounds"])] = float(_mean(s["test_accuracy"]))  # the final evaluation
+        if _mean(s.get("client_accuracy_mean")) is not None:
+            mean[int(s["rounds"])] = float(_mean(s["client_accuracy_mean"]))
     return sorted(pooled.items()), sorted(mean.items())
 
 
@@ -180,6 +213,10 @@ def experiment_figures(
         rounds, loss = (np.asarray(v, dtype=float) for v in zip(*pts, strict=True))
         ax.plot(rounds, loss, color=colors[label], alpha=0.25, lw=0.8)
         ax.plot(rounds, _ema(loss, smoothing), color=colors[label], lw=1.8, label=names[label])
+        if res.get("seed_histories"):
+            x, lo, hi = _band(res["seed_histories"], "train_loss",
+                              lambda v: _ema(v, smoothing))
+            ax.fill_between(x, lo, hi, color=colors[label], alpha=0.2, lw=0)
     ax.set_xlabel("round")
     ax.set_ylabel(f"train loss (cohort mean; EMA {smoothing:g}, raw faint)")
     drawn = np.concatenate([line.get_ydata() for line in ax.lines] or [np.zeros(0)])
@@ -192,13 +229,17 @@ def experiment_figures(
 
     fig = _figure()
     ax = fig.add_subplot()
-    periodic = False
+    periodic = banded = False
     for label, res in results.items():
         pooled, mean = _accuracy_points(res)
         periodic |= any("test_accuracy" in r for r in res.get("history", []))
         if pooled:
             ax.plot(*zip(*pooled, strict=True), color=colors[label], marker="o", ms=4,
                     label=names[label])
+        if res.get("seed_histories"):
+            x, lo, hi = _accuracy_band(res)
+            ax.fill_between(x, lo, hi, color=colors[label], alpha=0.2, lw=0)
+            banded = True
         if mean:
             ax.plot(*zip(*mean, strict=True), color=colors[label], marker="o", ms=7,
                     ls="none", mfc="none")
@@ -219,6 +260,9 @@ def experiment_figures(
     if any(_accuracy_points(r)[1] for r in results.values()):
         ax.plot([], [], color="0.4", marker="o", ms=7, ls="none", mfc="none",
                 label="client mean (each client counts once)")
+    if banded:
+        ax.fill_between([], [], [], color="0.4", alpha=0.2, lw=0,
+                        label="95% CI over seeds (line: mean)")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy, pooled over all test examples\n(hollow: mean over clients)")
     ax.set_title(f"test accuracy\n{where}", fontsize=10)
@@ -243,6 +287,19 @@ def experiment_figures(
     _finish(ax, fig)
     figs["client_accuracy.png"] = fig
     return figs
+
+
+def _accuracy_band(res: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The accuracy band of a multi-seed run: each seed's evaluations, round 0, the final one."""
+    s = res.get("summary", {})
+    per_seed = [list(h) for h in res["seed_histories"]]
+    final = s.get("test_accuracy")
+    if isinstance(final, Mapping) and s.get("rounds") is not None:
+        for rows, v in zip(per_seed, final.get("per_seed", []), strict=False):
+            rows.append({"round": int(s["rounds"]), "test_accuracy": v})
+    for rows, e in zip(per_seed, res.get("initial_evals") or [], strict=False):
+        rows.insert(0, {"round": 0, "test_accuracy": float(e["accuracy"])})
+    return _band(per_seed, "test_accuracy")
 
 
 def _finish(ax: Any, fig: Figure) -> None:

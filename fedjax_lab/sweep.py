@@ -22,6 +22,11 @@ Axes beyond scalar hyper-parameters:
 Configuration values are numbers (traced as ``f32`` scalars) or arrays (stacked with their
 dtype, e.g. the malicious masks); array values are passed to ``make_algorithm`` but not copied
 into the rows.
+
+:func:`run_seeds` is the same idea for one configuration run from given states: the seed is a
+vmapped axis of every state leaf and of the run key, so S seeds of a run advance together in
+one program (what ``fedjax-lab run`` does with ``training.seeds = S``, block after block,
+with a checkpoint of all seeds between blocks).
 """
 
 from __future__ import annotations
@@ -41,7 +46,14 @@ import numpy as np
 
 from fedjax_lab import _scan
 from fedjax_lab import maps as maps_lib
-from fedjax_lab._types import ClientMap, ClientSampler, FederatedAlgorithm, Params, PRNGKey
+from fedjax_lab._types import (
+    ClientMap,
+    ClientSampler,
+    FederatedAlgorithm,
+    Params,
+    PRNGKey,
+    ServerState,
+)
 from fedjax_lab.data._federated import FederatedData
 from fedjax_lab.plots import write_sweep_plot
 
@@ -52,7 +64,9 @@ __all__ = [
     "dirichlet_axis",
     "grid",
     "malicious_axis",
+    "run_seeds",
     "run_sweep_config",
+    "stack_seeds",
     "sweep",
 ]
 
@@ -540,6 +554,147 @@ def _epsilon(accounting: DPAccounting, z: float, accountant: str, num_rounds: in
     return privacy.epsilon(z, accounting.sampling_rate, num_rounds, accounting.delta,
                            accountant=accountant, sampling=accounting.sampling,
                            num_clients=accounting.num_clients)
+
+
+@functools.partial(jax.jit, static_argnames=("alg", "client_map", "seed_map", "static"))
+def _seeds_program(states, keys, arrays, *, alg, client_map, seed_map, static):
+    static = dict(static)
+
+    def one(state, key):
+        return _scan.scan_rounds(alg, client_map, state, key=key, **arrays, **static)
+
+    if seed_map == "vmap":
+        return jax.vmap(one)(states, keys)
+    return jax.lax.map(lambda a: one(*a), (states, keys))
+
+
+def stack_seeds(trees: Sequence[Any]) -> Any:
+    """Stacks per-seed pytrees (states, typed PRNG keys) along a new leading seed axis.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> keys = stack_seeds([jax.random.key(0), jax.random.key(1)])
+      >>> keys.shape, stack_seeds([{"w": jnp.zeros(2)}] * 3)["w"].shape
+      ((2,), (3, 2))
+    """
+    if not trees:
+        raise ValueError("trees: need at least one pytree (one per seed).")
+
+    def stack(*xs):
+        if jax.dtypes.issubdtype(xs[0].dtype, jax.dtypes.prng_key):
+            data = jnp.stack([jax.random.key_data(x) for x in xs])
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(xs[0]))
+        return jnp.stack([jnp.asarray(x) for x in xs])
+
+    return jax.tree.map(stack, *trees)
+
+
+def run_seeds(
+    alg: FederatedAlgorithm,
+    states: ServerState,
+    train_data: FederatedData,
+    keys: PRNGKey,
+    *,
+    num_rounds: int,
+    cohort_size: int,
+    batch_size: int,
+    local_steps: int | None = None,
+    epochs: int = 1,
+    client_map: ClientMap | None = None,
+    weighting: str = "num_examples",
+    sampler: ClientSampler | None = None,
+    eval_fn: Callable | None = None,
+    eval_data: FederatedData | None = None,
+    eval_every: int = 1,
+    eval_batch_size: int = 256,
+    max_update_norm: float | None = None,
+    seed_map: str = "vmap",
+) -> tuple[ServerState, dict[str, jax.Array]]:
+    """:func:`fedjax_lab.run_rounds` for S seeds at once, as ONE compiled program.
+
+    ``states`` and ``keys`` carry a leading seed axis (:func:`stack_seeds` of S states from
+    ``alg.init`` and S run keys); seed ``i`` runs exactly the rounds ``run_rounds(alg,
+    states[i], train_data, keys[i], ...)`` would (same sampling, batches and keys), so its
+    results equal that run's to float rounding: ``jax.vmap`` batches the seeds' matrix products,
+    which XLA may sum in another order. Like ``run_rounds``, 10 rounds then 10 more equal 20 at
+    once.
+
+    Args:
+      alg, train_data, num_rounds, ..., max_update_norm: as in :func:`fedjax_lab.run_rounds`.
+      states: the seeds' server states stacked on a leading ``[S]`` axis.
+      keys: the seeds' run keys, ``[S]`` (typed PRNG keys).
+      seed_map: ``"vmap"`` (every seed in each step of the program: batched products, the
+        fast choice for small models) or ``"map"`` (the seeds one after the other inside the
+        program).
+
+    Returns:
+      ``(states, history)``: both with the leading ``[S]`` axis (history leaves
+      ``[S, num_rounds, ...]``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, optax, fedjax_lab as fl
+      >>> rng = np.random.default_rng(0)
+      >>> data = fl.FederatedData.from_client_arrays(
+      ...     [{"x": rng.normal(size=(4, 2)).astype("f4"), "y": np.ones(4, "f4")}] * 3)
+      >>> loss = lambda p, b, k: jnp.sum(b["mask"] * (b["x"] @ p - b["y"]) ** 2) / 4
+      >>> alg = fl.algorithms.fed_avg(loss, client_optimizer=optax.sgd(0.1))
+      >>> states = stack_seeds([alg.init(jnp.full(2, float(s))) for s in range(4)])
+      >>> keys = stack_seeds([jax.random.key(s) for s in range(4)])
+      >>> states, hist = run_seeds(alg, states, data, keys, num_rounds=3, cohort_size=2,
+      ...                          batch_size=2)
+      >>> states.params.shape, hist["train_loss"].shape, states.round.tolist()
+      ((4, 2), (4, 3), [3, 3, 3, 3])
+    """
+    from fedjax_lab import rounds as rounds_lib
+
+    rounds_lib._check_algorithm(alg)
+    rounds_lib._check_state(states)
+    if seed_map not in ("vmap", "map"):
+        raise ValueError(f"seed_map: expected 'vmap' or 'map', got {seed_map!r}.")
+    key_ok = isinstance(keys, jax.Array) and jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    if not key_ok or keys.ndim != 1:
+        raise TypeError(
+            f"keys: expected typed PRNG keys with one seed axis [S], e.g. "
+            f"stack_seeds([jax.random.key(s) for s in seeds]), got {keys!r}."
+        )
+    num_seeds = int(keys.shape[0])
+    for leaf in jax.tree.leaves(states):
+        if np.ndim(leaf) < 1 or np.shape(leaf)[0] != num_seeds:
+            raise ValueError(
+                f"states: every leaf needs the leading seed axis [{num_seeds}] of keys, found a "
+                f"leaf of shape {np.shape(leaf)}; stack the seeds' states with stack_seeds."
+            )
+    arrays, static = _scan.prepare_run(
+        train_data,
+        num_rounds=num_rounds,
+        cohort_size=cohort_size,
+        batch_size=batch_size,
+        local_steps=local_steps,
+        epochs=epochs,
+        weighting=weighting,
+        sampler=sampler,
+        eval_fn=eval_fn,
+        eval_data=eval_data,
+        eval_every=eval_every,
+        eval_batch_size=eval_batch_size,
+    )
+    if alg.check_data is not None:
+        alg.check_data(train_data)
+    static["max_update_norm"] = rounds_lib._check_max_update_norm(max_update_norm)
+    if not jax.tree.leaves(states.sampler_state):  # every seed starts the sampler alike
+        one = _scan.init_sampler_state(
+            jax.tree.map(lambda x: x[0], states), static["sampler"], arrays["offsets"]
+        )
+        states = states._replace(sampler_state=stack_seeds([one.sampler_state] * num_seeds))
+    client_map = maps_lib.resolve(client_map)
+    placement = maps_lib.state_sharding(client_map, static["cohort_size"])
+    if placement is not None:
+        arrays = jax.device_put(arrays, placement)
+        states = rounds_lib._place_state(states, placement)
+    return _seeds_program(
+        states, keys, arrays, alg=alg, client_map=client_map, seed_map=seed_map,
+        static=tuple(sorted(static.items())),
+    )
 
 
 def _example_alg(loss_fn, lr):
