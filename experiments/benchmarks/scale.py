@@ -323,7 +323,7 @@ def run_stream_point(spec: dict) -> dict:
 
 def _stream_specs(quick: bool) -> list[dict]:
     pop = 10_000 if quick else STREAM_POPULATION
-    rounds, repeats = (3, 1) if quick else (20, 3)
+    rounds, repeats = (3, 1) if quick else (20, 5)
     return [
         {"sweep": "streaming", "population": pop, "cohort": FIXED_COHORT, "map": "sequential",
          "storage": storage, "rounds": rounds, "repeats": repeats}
