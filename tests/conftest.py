@@ -37,6 +37,7 @@ SLOW = {
     "test_drift_algorithms.py::test_every_client_map_gives_the_same_result",
     "test_models.py::test_cnn_shapes_and_formulations_agree",
     "test_sampling_search.py::test_benchmark_smoke_writes_the_shares",
+    "test_mime_exact.py::test_every_client_map_gives_the_same_mime",
 }
 
 
