@@ -46,6 +46,7 @@ SLOW = {
     "test_sweep_axes.py::test_dirichlet_axis_rows_equal_runs_on_each_partition",
     "test_sweep_axes.py::test_malicious_fraction_axis_and_mixed_attack_rows_equal_named_attacks",
     "test_sweep_axes.py::test_noise_axis_rows_equal_single_runs_and_report_epsilon",
+    "test_mime_exact.py::test_every_client_map_gives_the_same_mime",
 }
 
 
