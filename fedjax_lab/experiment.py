@@ -947,9 +947,13 @@ def _algorithm_lines(name: str) -> list[str]:
     factory = REGISTRY[name]
     lines = [f"{name}: {_summary(factory)}"]
     for key, p in REGISTRY.options(name, skip=("loss_fn", "client_optimizer")).items():
-        if key in _OWN_KEYS:
+        if key in _OWN_KEYS and key not in PER_CLIENT_KEYS:
             continue
-        lines.append("    " + _param_line(key, p, _PART_HINT.get(key, "")))
+        hint = _PART_HINT.get(key, "")
+        if key in PER_CLIENT_KEYS:
+            hint = ("or per client: {per_client = [one value per client]} or "
+                    "{per_client = 'size', scale = s, power = p}")
+        lines.append("    " + _param_line(key, p, hint))
     return lines
 
 

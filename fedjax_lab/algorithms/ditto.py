@@ -31,7 +31,7 @@ def ditto(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
     *,
-    lam: float | kit.PerClient = 0.1,
+    lam: float = 0.1,  # or a kit.PerClient
     personal_optimizer: optax.GradientTransformation | None = None,
     server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,

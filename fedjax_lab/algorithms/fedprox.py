@@ -17,7 +17,7 @@ def fed_prox(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
     *,
-    mu: float | kit.PerClient = 0.01,
+    mu: float = 0.01,  # or a kit.PerClient
     server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,
     client_learning_rate: float | kit.PerClient | None = None,
