@@ -54,6 +54,7 @@ __all__ = ["main", "run_experiment"]
 _ROW_KEYS = ("train_loss", "num_examples", "dropped_clients", "round_skipped", "update_norm")
 _SKIP_REASONS = ("skipped_non_finite_update", "skipped_update_norm",
                  "skipped_non_finite_server_state")
+_HIST_KEYS = (*_ROW_KEYS, *_SKIP_REASONS, "eval_accuracy", "eval_loss")  # what _rows reads
 
 
 def _slug(label: str) -> str:
@@ -88,10 +89,9 @@ def _rows(hist: dict[str, Any], first_round: int) -> list[dict[str, Any]]:
     (``num_examples == 0``: every sampled client was dropped) has ``train_loss`` ``None``
     whatever the engine reported for it, never ``0.0``.
     """
-    import jax
     import numpy as np
 
-    hist = jax.device_get(hist)
+    hist = _host({k: v for k, v in hist.items() if k in _HIST_KEYS})
     n = len(hist["train_loss"])
     rows = []
     for i in range(n):
@@ -108,6 +108,27 @@ def _rows(hist: dict[str, Any], first_round: int) -> list[dict[str, Any]]:
                 row["test_" + k[5:]] = float(hist[k][i])
         rows.append(row)
     return rows
+
+
+def _host(tree: Any) -> Any:
+    """NumPy copies of a tree's arrays, also of arrays spread over several processes' devices.
+
+    A replicated array is read from this process's copy; another one (e.g. per-client values
+    split over a multi-process mesh) is gathered from every process, which all call this.
+    """
+    import jax
+    import numpy as np
+
+    def one(x: Any) -> Any:
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
 
 
 def _json(obj: Any, **kwargs: Any) -> str:
@@ -526,7 +547,7 @@ def _run_one(
             eval_batch_size=evaluation["batch_size"],
         )
         if multi:
-            hist = jax.device_get(hist)
+            hist = _host({k: v for k, v in hist.items() if k in _HIST_KEYS})
             new = [_rows(jax.tree.map(lambda x, i=i: x[i], hist), done) for i in range(len(seeds))]
             for h, rows in zip(history, new, strict=True):
                 h.extend(rows)

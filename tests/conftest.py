@@ -37,6 +37,7 @@ SLOW = {
     "test_drift_algorithms.py::test_every_client_map_gives_the_same_result",
     "test_models.py::test_cnn_shapes_and_formulations_agree",
     "test_gpu_readiness.py::test_gpu_benchmark_cpu_smoke_writes_every_field",
+    "test_multiprocess_cli.py::test_two_processes_killed_and_resumed_equal_uninterrupted_runs",
     "test_streaming.py::test_streamed_runs_on_four_host_devices_equal_device_data",
     "test_streaming.py::test_scaffold_with_a_markov_sampler_streamed_equals_device_data",
     "test_benchmarks.py::test_scale_streaming_rows_report_device_bytes_and_overlap",

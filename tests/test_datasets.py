@@ -93,7 +93,7 @@ def test_digits_test_fraction_zero_and_bad_values():
     with pytest.raises(ValueError, match="num_clients"):
         D.load("digits", num_clients=5000)
     with pytest.raises(ValueError, match=r"partition.*'iid'"):
-        D.load("digits", partition="pathological")
+        D.load("digits", partition="zipfian")
 
 
 def test_mnist_offline():
