@@ -13,7 +13,7 @@ import numpy as np
 
 from fedjax_lab import _host_state, _streaming
 from fedjax_lab._round import round_core
-from fedjax_lab._scan import round_cohort, sample_cohorts, with_eval
+from fedjax_lab._scan import cohorts_on_host, round_cohort, with_eval
 
 
 def _host_round_impl(
@@ -104,16 +104,7 @@ def run_rounds_host(alg, client_map, state, key, arrays, static, donate, stream=
     """
     store, treedef = _host_state.to_host(state.client_states)
     population = _host_state.population_spec(state.client_states)
-    sampler_state, (ids, available) = sample_cohorts(
-        state.sampler_state,
-        key,
-        jnp.asarray(state.round, jnp.int32),
-        arrays["offsets"],
-        sampler=static["sampler"],
-        num_rounds=static["num_rounds"],
-        cohort_size=static["cohort_size"],
-    )
-    ids_host, available_host = np.asarray(ids), np.asarray(available)
+    sampler_state, ids_host, available_host = cohorts_on_host(state, key, arrays, static)
     core = state._replace(client_states=(), sampler_state=())
     round_fn = _host_round_jit_donated if donate else _host_round_jit
     kw = {k: static[k] for k in _HOST_STATIC[3:-1]}

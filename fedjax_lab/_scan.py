@@ -199,6 +199,24 @@ def sample_cohorts(sampler_state, key, first_round, offsets, *, sampler, num_rou
     return jax.lax.scan(step, sampler_state, jnp.arange(num_rounds, dtype=jnp.int32))
 
 
+def cohorts_on_host(state, key, arrays, static) -> tuple[Any, np.ndarray, np.ndarray]:
+    """:func:`sample_cohorts` for a run's state and static options, the draws as NumPy.
+
+    Returns ``(final_sampler_state, ids i32[R, C], available f32[R, C])``; the host loops
+    (host client state, host-streamed data) draw every round's cohort with it up front.
+    """
+    sampler_state, (ids, available) = sample_cohorts(
+        state.sampler_state,
+        key,
+        jnp.asarray(state.round, jnp.int32),
+        arrays["offsets"],
+        sampler=static["sampler"],
+        num_rounds=static["num_rounds"],
+        cohort_size=static["cohort_size"],
+    )
+    return sampler_state, np.asarray(ids), np.asarray(available)
+
+
 _run_rounds_jit = jax.jit(scan_rounds, static_argnames=("alg", "client_map") + _STATIC)
 
 

@@ -2,7 +2,7 @@
 
 The population's examples stay in host memory (NumPy arrays, or a ``numpy.memmap`` opened by
 :func:`fedjax_lab.data.load_memmap` for data larger than RAM). Every round's cohort is drawn
-first, with the same keys and sampler as the device scan (:func:`fedjax_lab._scan.sample_cohorts`);
+first, with the same keys and sampler as the device scan (:func:`fedjax_lab._scan.cohorts_on_host`);
 then a background thread gathers each cohort's rows on the host (:func:`cohort_rows`) and
 transfers them (``jax.device_put``, with the cohort sharding under a sharded client map) while
 the previous round runs. At most two cohorts sit on the device (:class:`Prefetcher`), so device
@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_lab import maps as maps_lib
-from fedjax_lab._scan import _STATIC, sample_cohorts, train_round
+from fedjax_lab._scan import _STATIC, cohorts_on_host, train_round
 
 _PREFETCH = {"on": True}  # off only for the serial baseline of the benchmark (without_prefetch)
 last_run: dict[str, float] = {}  # statistics of the latest streamed run (benchmark, tests)
@@ -310,16 +310,7 @@ def run_rounds_streamed(alg, client_map, state, key, arrays, static, donate, str
 
     ``stream`` is :func:`opener`'s ``open``: ``stream(ids_host)`` gives the cohorts' feed.
     """
-    sampler_state, (ids, available) = sample_cohorts(
-        state.sampler_state,
-        key,
-        jnp.asarray(state.round, jnp.int32),
-        arrays["offsets"],
-        sampler=static["sampler"],
-        num_rounds=static["num_rounds"],
-        cohort_size=static["cohort_size"],
-    )
-    ids_host, available_host = np.asarray(ids), np.asarray(available)
+    sampler_state, ids_host, available_host = cohorts_on_host(state, key, arrays, static)
     feed = stream(ids_host)
     round_fn = _stream_round_jit_donated if donate else _stream_round_jit
     kw = {k: static[k] for k in _ROUND_STATIC[2:]}

@@ -22,7 +22,8 @@ aggregators                        :func:`stateless_aggregator`; ready-made ones
                                    ``mean_and_sum``, ``weighted_sum``)
 per-client hyper-parameters        :class:`PerClient`, :func:`per_client`, :func:`for_client`,
                                    :func:`is_per_client`, :func:`check_per_client`,
-                                   :func:`check_step_budget`
+                                   :func:`check_step_budget`,
+                                   :func:`client_optimizer_or_rates`
 argument checks                    :func:`check_loss_fn`, :func:`check_count`,
                                    :func:`check_positive`, :func:`check_in_range`,
                                    :func:`check_num_clients`
@@ -111,6 +112,7 @@ __all__ = [
     "client_delta",
     "data_check",
     "client_optimizer",
+    "client_optimizer_or_rates",
     "copies_per_client",
     "dynamic_regularizer",
     "for_client",
@@ -305,6 +307,30 @@ def client_optimizer(
     _check_optimizer("client_optimizer", optimizer, "optax.sgd(0.1)")
     _check_descends(optimizer)
     return optimizer
+
+
+def client_optimizer_or_rates(
+    optimizer: optax.GradientTransformation | None,
+    learning_rate: Any = None,
+) -> optax.GradientTransformation | None:
+    """:func:`client_optimizer`, or ``None`` when ``learning_rate`` is a :class:`PerClient`.
+
+    A per-client rate means plain SGD at each client's own rate (the builder makes it inside
+    ``client_update``), so an ``optimizer`` beside it is refused, and the rates are checked.
+
+    Example:
+      >>> client_optimizer_or_rates(None, per_client([0.1, 0.2])) is None
+      True
+    """
+    if not isinstance(learning_rate, PerClient):
+        return client_optimizer(optimizer, learning_rate)
+    if optimizer is not None:
+        raise ValueError(
+            "client_learning_rate: give either client_optimizer or a per-client "
+            "client_learning_rate (plain SGD at each client's rate), not both."
+        )
+    check_positive("client_learning_rate", learning_rate, allow_zero=True)
+    return None
 
 
 def _check_descends(optimizer: optax.GradientTransformation) -> None:

@@ -91,16 +91,8 @@ def ditto(
     """
     kit.check_loss_fn(loss_fn)
     kit.check_positive("lam", lam, allow_zero=True, hint=" (the regularisation λ)")
-    lr_per_client = isinstance(client_learning_rate, kit.PerClient)
-    if lr_per_client:
-        if client_optimizer is not None:
-            raise ValueError(
-                "client_learning_rate: give either client_optimizer or a per-client "
-                "client_learning_rate (plain SGD at each client's rate), not both."
-            )
-        kit.check_positive("client_learning_rate", client_learning_rate, allow_zero=True)
-    else:
-        client_optimizer = kit.client_optimizer(client_optimizer, client_learning_rate)
+    client_optimizer = kit.client_optimizer_or_rates(client_optimizer, client_learning_rate)
+    lr_per_client = client_optimizer is None
     kit.check_step_budget("max_local_steps", max_local_steps)
     personal_given = personal_optimizer is not None
     if personal_given:

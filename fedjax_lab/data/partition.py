@@ -85,9 +85,7 @@ def iid(num_examples: int, num_clients: int, *, seed: int = 0) -> Partition:
     rng = _rng(seed)
     sizes = np.full(c, n // c, dtype=np.int64)
     sizes[: n % c] += 1
-    owner = np.empty(n, dtype=np.int64)
-    owner[rng.permutation(n)] = np.repeat(np.arange(c), sizes)
-    return _group(owner, c)
+    return _fill_iid(rng, sizes)
 
 
 # --------------------------------------------------------------------------- dirichlet
@@ -329,9 +327,7 @@ def quantity_skew(
             f"distribution: expected 'lognormal' or 'powerlaw', got {distribution!r}."
         )
     sizes = m + _largest_remainder(w, n - c * m)
-    owner = np.empty(n, dtype=np.int64)
-    owner[rng.permutation(n)] = np.repeat(np.arange(c), sizes)
-    return _group(owner, c)
+    return _fill_iid(rng, sizes)
 
 
 # --------------------------------------------------------------------------- k classes each
@@ -544,9 +540,7 @@ def size_skew(
     rng = _rng(seed)
     sizes = np.empty(c, dtype=np.int64)
     sizes[rng.permutation(c)] = m + _largest_remainder(w, n - c * m)
-    owner = np.empty(n, dtype=np.int64)
-    owner[rng.permutation(n)] = np.repeat(np.arange(c), sizes)
-    return _group(owner, c)
+    return _fill_iid(rng, sizes)
 
 
 # --------------------------------------------------------------------------- feature skew
@@ -724,6 +718,14 @@ def held_out_clients(
 
 
 # --------------------------------------------------------------------------- helpers
+def _fill_iid(rng: np.random.Generator, sizes: np.ndarray) -> Partition:
+    """Clients of the given sizes filled from one random permutation of the examples."""
+    n, c = int(sizes.sum()), sizes.size
+    owner = np.empty(n, dtype=np.int64)
+    owner[rng.permutation(n)] = np.repeat(np.arange(c), sizes)
+    return _group(owner, c)
+
+
 def _group(owner: np.ndarray, num_clients: int) -> Partition:
     """Index arrays of the examples of each client; ``owner[i] < 0`` leaves example ``i`` out."""
     idx = np.flatnonzero(owner >= 0)
