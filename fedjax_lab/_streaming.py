@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -34,6 +34,9 @@ from fedjax_lab._scan import _STATIC, cohorts_on_host, train_round
 
 _PREFETCH = {"on": True}  # off only for the serial baseline of the benchmark (without_prefetch)
 last_run: dict[str, float] = {}  # statistics of the latest streamed run (benchmark, tests)
+# The client ids this process gathered on the host, one array a round, of the latest streamed
+# run (under jax.distributed: only those of its devices' clients, and the tail).
+loaded_clients: list[np.ndarray] = []
 
 
 def cohort_rows(
@@ -73,6 +76,13 @@ def cohort_placement(client_map: Any, cohort_size: int) -> tuple[int, Any, Any]:
     split over the mesh's ``"clients"`` axis (each device receives only its clients' rows, as the
     map splits them) and the ``C % D`` others, which the map runs outside the mesh, are
     replicated. Otherwise ``head = C`` and both shardings are ``None`` (the default device).
+    Under ``jax.distributed`` the mesh spans every process's devices: see
+    :func:`process_positions` for the rows each process loads.
+
+    Example:
+      >>> import fedjax_lab as fl
+      >>> cohort_placement(fl.maps.sequential(), 5)
+      (5, None, None)
     """
     replicated = maps_lib.state_sharding(client_map, cohort_size)
     if replicated is None:
@@ -82,14 +92,95 @@ def cohort_placement(client_map: Any, cohort_size: int) -> tuple[int, Any, Any]:
     return head, NamedSharding(mesh, PartitionSpec(maps_lib._AXIS)), replicated
 
 
-def place_rows(rows: dict[str, np.ndarray], placement: tuple[int, Any, Any]) -> tuple:
-    """Transfers a cohort's host rows to the device(s): ``(head,)`` or ``(head, tail)`` parts."""
+def process_positions(
+    owners: Sequence[int], head: int, cohort_size: int, process: int
+) -> np.ndarray:
+    """The cohort positions (``0 .. C - 1``) whose rows process ``process`` loads.
+
+    ``owners[d]`` is the process of the ``d``-th device of the 1-D mesh; the head (the first
+    ``head`` positions) is split into ``len(owners)`` equal blocks in mesh order, as
+    ``PartitionSpec("clients")`` splits it, so a process loads the blocks of its own devices
+    only. The tail (positions ``head .. C - 1``, the clients the sharded map runs outside the
+    mesh, replicated) is loaded by every process. Across processes the head positions form a
+    partition of ``0 .. head - 1``.
+
+    Example (4 devices, two per process, a cohort of 10: 8 split, 2 outside the mesh):
+      >>> process_positions([0, 0, 1, 1], 8, 10, 1).tolist()
+      [4, 5, 6, 7, 8, 9]
+      >>> process_positions([0, 1, 0, 1], 8, 10, 0).tolist()
+      [0, 1, 4, 5, 8, 9]
+    """
+    owners = np.asarray(list(owners), np.int64)
+    if owners.size == 0 or head % owners.size:
+        raise ValueError(
+            f"head: {head} clients cannot be split evenly over {owners.size} mesh devices."
+        )
+    block = head // owners.size
+    mine = np.repeat(owners == process, block)
+    return np.concatenate([np.flatnonzero(mine), np.arange(head, cohort_size)]).astype(np.int64)
+
+
+def local_positions(placement: tuple[int, Any, Any], cohort_size: int) -> np.ndarray:
+    """The cohort positions whose rows THIS process loads under ``placement``.
+
+    Every position in a single process (or without a sharded map); under ``jax.distributed``
+    those of :func:`process_positions` for this process's devices of the mesh.
+
+    Example:
+      >>> local_positions((5, None, None), 5).tolist()
+      [0, 1, 2, 3, 4]
+    """
+    head, head_sharding, _ = placement
+    if head_sharding is None or head_sharding.is_fully_addressable:
+        return np.arange(cohort_size, dtype=np.int64)
+    owners = [d.process_index for d in head_sharding.mesh.devices.flat]
+    return process_positions(owners, head, cohort_size, jax.process_index())
+
+
+def place_rows(
+    rows: dict[str, np.ndarray], placement: tuple[int, Any, Any],
+    positions: np.ndarray | None = None,
+) -> tuple:
+    """Transfers a cohort's host rows to the device(s): ``(head,)`` or ``(head, tail)`` parts.
+
+    ``positions``: the cohort positions ``rows`` holds (:func:`local_positions`; default all
+    ``C``). Under ``jax.distributed`` a process holds only its devices' head rows and the
+    tail: each of its devices receives its block and the global head array is assembled with
+    ``jax.make_array_from_single_device_arrays``, the tail is replicated from every process's
+    own copy.
+    """
     head, head_sharding, tail_sharding = placement
-    c = int(np.shape(next(iter(rows.values())))[0])
-    parts = [jax.device_put({k: v[:head] for k, v in rows.items()}, head_sharding)]
-    if head < c:
-        parts.append(jax.device_put({k: v[head:] for k, v in rows.items()}, tail_sharding))
+    n = int(np.shape(next(iter(rows.values())))[0])
+    if positions is None or head_sharding is None or head_sharding.is_fully_addressable:
+        if positions is not None and not np.array_equal(positions, np.arange(n)):
+            raise ValueError("positions: a single process places every row of the cohort.")
+        parts = [jax.device_put({k: v[:head] for k, v in rows.items()}, head_sharding)]
+        if head < n:
+            parts.append(jax.device_put({k: v[head:] for k, v in rows.items()}, tail_sharding))
+        return tuple(parts)
+    positions = np.asarray(positions, np.int64)
+    local_head = int(np.sum(positions < head))
+    head_part = {k: _assembled(v[:local_head], positions[:local_head], head, head_sharding)
+                 for k, v in rows.items()}  # fmt: skip
+    parts = [head_part]
+    if local_head < n:
+        tail = {k: v[local_head:] for k, v in rows.items()}
+        parts.append(jax.device_put(tail, tail_sharding))
     return tuple(parts)
+
+
+def _assembled(local: np.ndarray, positions: np.ndarray, head: int, sharding: Any) -> jax.Array:
+    """The global ``[head, ...]`` array whose addressable blocks are this process's rows."""
+    shape = (head,) + tuple(np.shape(local)[1:])
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        want = np.arange(head)[index[0]]
+        at = np.searchsorted(positions, want)
+        if at.size and (at[-1] >= positions.size or not np.array_equal(positions[at], want)):
+            raise RuntimeError(f"place_rows: device {device} needs cohort rows {want.tolist()} "
+                               f"this process did not load ({positions.tolist()}).")
+        arrays.append(jax.device_put(local[at], device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def joined(parts: tuple) -> dict[str, jax.Array]:
@@ -293,12 +384,26 @@ _stream_round_jit_donated = jax.jit(
 
 def opener(examples: dict[str, np.ndarray], offsets: np.ndarray, width: int,
            placement: tuple) -> Callable[[np.ndarray], Prefetcher]:
-    """``open(ids_host)``: the :class:`Prefetcher` of every round's cohort rows."""
+    """``open(ids_host)``: the :class:`Prefetcher` of every round's cohort rows.
+
+    Each round this process gathers only the rows of :func:`local_positions` (all of them in a
+    single process) and records their client ids in ``loaded_clients``.
+    """
 
     def open_(ids_host: np.ndarray) -> Prefetcher:
+        positions = local_positions(placement, int(ids_host.shape[1]))
+        everything = positions.size == ids_host.shape[1]
+        loaded_clients.clear()
+
+        def load(t: int) -> dict[str, np.ndarray]:
+            ids = ids_host[t][positions]
+            loaded_clients.append(np.array(ids))
+            return cohort_rows(examples, offsets, ids, width)
+
         return Prefetcher(
-            lambda t: cohort_rows(examples, offsets, ids_host[t], width),
-            functools.partial(place_rows, placement=placement),
+            load,
+            functools.partial(place_rows, placement=placement,
+                              positions=None if everything else positions),
             ids_host.shape[0],
         )
 

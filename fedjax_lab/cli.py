@@ -545,6 +545,7 @@ def _run_one(
             eval_data=experiment.test,
             eval_every=block,
             eval_batch_size=evaluation["batch_size"],
+            **({} if multi else {"data_on": training.get("data_on", "device")}),
         )
         if multi:
             hist = _host({k: v for k, v in hist.items() if k in _HIST_KEYS})

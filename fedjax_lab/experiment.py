@@ -135,7 +135,9 @@ _TRAINING = {
     "seed": (int, 0),
     "seeds": (int, 1),
     "max_update_norm": (float, None),
+    "data_on": (str, None),
 }
+_DATA_ON = ("device", "host")
 _EVALUATION = {"every": (int, 1), "batch_size": (int, 1)}
 _CHECKPOINT = {"every": (int, 1), "keep": (int, 1)}
 _PRIVACY = {"delta": (float, None), "accountant": (str, None)}
@@ -365,6 +367,18 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"training.max_update_norm: need a finite number > 0 (a round whose aggregate is "
             f"longer is refused), got {training['max_update_norm']!r}."
+        )
+    if training.get("data_on", "device") not in _DATA_ON:
+        raise ConfigError(
+            f"training.data_on: got {training['data_on']!r}; allowed: {_allowed(_DATA_ON)} "
+            "(where the training examples live: moved to the device, or streamed from host "
+            "memory one cohort a round)."
+        )
+    if training.get("data_on") == "host" and training.get("seeds", 1) > 1:
+        raise ConfigError(
+            "training.data_on: 'host' streams one run's cohorts from a Python loop; the "
+            f"seeds = {training['seeds']} runs of one compiled program need data_on = "
+            "'device' (or run one seed at a time)."
         )
     sampler = cfg.get("sampler") or {"name": "uniform"}
     if sampler.get("name") not in _SAMPLERS:
@@ -887,11 +901,13 @@ _FILE_DATASET_KEYS = {
 _SPEC_ALLOWED = {
     ("training", "client_map"): _MAPS,
     ("training", "weighting"): ("num_examples", "uniform"),
+    ("training", "data_on"): _DATA_ON,
     ("privacy", "accountant"): _ACCOUNTANTS,
 }
 _SPEC_DEFAULTS = {
     ("training", "weighting"): "num_examples",
     ("training", "seeds"): 1,
+    ("training", "data_on"): "device",
     ("privacy", "delta"): DEFAULT_DELTA,
     ("privacy", "accountant"): "rdp",
 }
@@ -1026,6 +1042,9 @@ def reference(algorithm: str | None = None) -> str:
         if section == "training":
             out.append("  (seeds = S > 1: the seeds seed, seed + 1, ..., seed + S - 1 run as one "
                        "compiled program; final metrics as mean ± 95% CI)")
+            out.append("  (data_on = 'host', fedjax-lab run: the examples stay in host memory and "
+                       "each round's cohort is streamed to the device; under several processes "
+                       "each loads only the clients of its own devices)")
         if section == "checkpoint":
             out.append("  (checkpoint.every must be a multiple of evaluation.every)")
     out += ["", "[[algorithms]] (one table per run)", *common, "  hyper-parameters by name:"]

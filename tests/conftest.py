@@ -48,6 +48,10 @@ SLOW = {
     "test_sweep_axes.py::test_malicious_fraction_axis_and_mixed_attack_rows_equal_named_attacks",
     "test_sweep_axes.py::test_noise_axis_rows_equal_single_runs_and_report_epsilon",
     "test_mime_exact.py::test_every_client_map_gives_the_same_mime",
+    "test_streaming_multiprocess.py::test_two_processes_load_only_their_clients_and_equal_"
+    "device_data",
+    "test_streaming_multiprocess.py::test_cli_two_processes_with_host_data_equal_one_process_"
+    "with_device_data",
 }
 
 
