@@ -8,6 +8,13 @@ transfers them (``jax.device_put``, with the cohort sharding under a sharded cli
 the previous round runs. At most two cohorts sit on the device (:class:`Prefetcher`), so device
 memory does not grow with the population.
 
+Under ``jax.distributed`` (a sharded map over every process's devices) each process gathers
+only the rows of the cohort clients its own devices train (:func:`process_positions`), plus
+the ``C % D`` clients past the mesh, which every process loads (they run replicated); its
+devices receive their blocks and the global array is assembled from the processes' parts
+(``jax.make_array_from_single_device_arrays``). With a memory map a process thus reads only
+those clients' examples from disk; ``loaded_clients`` records the ids it gathered.
+
 Each round is one jitted program (:func:`fedjax_lab._scan.train_round` with ``streamed=True``,
 or the host-state round); each client indexes its own rows with the same shuffled positions
 the device path uses on the flat examples, so the batches, and the results, are the same.

@@ -150,7 +150,7 @@ alpha = 0.5
 name = "mlp"
 hidden = [16]
 [training]
-rounds = 4
+rounds = 2
 cohort_size = 5
 batch_size = 10
 client_map = "sharded"
