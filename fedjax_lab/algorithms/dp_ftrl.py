@@ -1,0 +1,124 @@
+"""DP-FTRL (Kairouz et al., ICML 2021): user-level DP without any sampling assumption.
+
+Clients train locally and send clipped deltas, as in DP-FedAvg; the server does not noise each
+round's sum but the running sum over rounds, with tree-aggregated noise
+(:func:`fedjax_lab.privacy.tree_aggregator`), and sets the model from it in the FTRL form
+``x_t = x_0 - η v_t``, ``v_t = γ v_{t-1} + s̃_t / m``. The privacy holds whichever clients take
+part each round (no Poisson sampling or shuffling needed); account for it with
+:func:`fedjax_lab.privacy.ftrl_epsilon`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lab import kit, privacy
+from fedjax_lab._types import FederatedAlgorithm, LossFn, Params, PRNGKey, PyTree, ServerState
+from fedjax_lab.algorithms._registry import register
+from fedjax_lab.algorithms.fedavg import fed_avg
+
+__all__ = ["FTRLServerState", "dp_ftrl"]
+
+
+class FTRLServerState(NamedTuple):
+    """DP-FTRL's server state (``ServerState.extra``).
+
+    Attributes:
+      init_params: ``x_0``, the model the FTRL step starts from.
+      velocity: ``v_t = γ v_{t-1} + s̃_t / m`` (``= s̃_t / m`` without momentum).
+    """
+
+    init_params: Params
+    velocity: PyTree
+
+
+@register("dp_ftrl")
+def dp_ftrl(
+    loss_fn: LossFn,
+    client_optimizer: optax.GradientTransformation | None = None,
+    *,
+    noise_multiplier: float = 1.0,
+    clip_norm: float = 1.0,
+    server_learning_rate: float = 1.0,
+    server_momentum: float = 0.0,
+    expected_cohort_size: float | None = None,
+    unroll: int | bool = 1,
+    name: str = "dp_ftrl",
+) -> FederatedAlgorithm:
+    """DP-FTRL: clipped client deltas, a noisy prefix sum over rounds, an FTRL server step.
+
+    Update rule (round ``t = 1, 2, ...``, clip ``C``, noise multiplier ``z``, denominator ``m``,
+    server rate ``η``, momentum ``γ``):
+
+    * client i: local training from ``x_{t-1}``; ``Δ_i = x_{t-1} - x_i``; clipped
+      ``Δ̃_i = Δ_i min(1, C / ||Δ_i||)``; every participant has weight 1;
+    * tree: ``s̃_t = Σ_{s<=t} Σ_i Δ̃_i^s + T_t``, with ``T_t`` the sum of the noises
+      ``N(0, (z C)² I)`` of the at most ``ceil(log2(t+1))`` binary-tree nodes that make up the
+      prefix ``[1, t]`` (each node's noise drawn once,
+      :func:`fedjax_lab.privacy.tree_prefix_noise`);
+    * server (FTRL form): ``v_t = γ v_{t-1} + s̃_t / m``, ``x_t = x_0 - η v_t``. With
+      ``γ = 0`` this is ``x_t = argmin_x <s̃_t / m, x> + ||x - x_0||² / (2 η)``; ``γ > 0`` is
+      the paper's DP-FTRLM (momentum on the noisy prefix sums; post-processing, so the privacy
+      is the same).
+
+    Without noise (``z = 0``) and momentum this is exactly clipped FedAvg with the server step
+    ``x_t = x_{t-1} - η Σ_i Δ̃_i / m`` (a telescoping sum). ``m`` is ``expected_cohort_size``
+    (default: the number of cohort slots).
+
+    Args:
+      loss_fn: mean loss over real examples.
+      client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
+      noise_multiplier: ``z >= 0``, the noise of each tree node in units of ``C``.
+      clip_norm: ``C >= 0``.
+      server_learning_rate: ``η > 0`` (``1/λ`` of the paper's regulariser).
+      server_momentum: ``γ`` in ``[0, 1)`` (paper: 0.9 for DP-FTRLM).
+      expected_cohort_size: the fixed denominator ``m`` (``None``: the cohort size).
+      unroll: ``lax.scan`` unroll of the local steps.
+      name: a label for logs and tables.
+
+    Returns:
+      A :class:`~fedjax_lab.FederatedAlgorithm`; the tree lives in ``state.aggregator_state``
+      (:class:`fedjax_lab.privacy.TreeAggregatorState`), ``x_0`` and ``v_t`` in
+      ``state.extra`` (:class:`FTRLServerState`). Its clients send the delta, but its aggregate
+      is a prefix sum, so it does not compose with ``with_aggregator`` / ``with_privacy``.
+
+    References:
+      Kairouz, McMahan, Song, Thakkar, Thakurta, Xu, "Practical and Private (Deep) Learning
+      without Sampling or Shuffling", ICML 2021.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> alg = dp_ftrl(lambda p, b, k: jnp.sum(p ** 2), noise_multiplier=0.5, clip_norm=0.1)
+      >>> state = alg.init(jnp.ones(2))
+      >>> alg.name, int(state.aggregator_state.step), state.extra.init_params.tolist()
+      ('dp_ftrl', 0, [1.0, 1.0])
+    """
+    kit.check_positive("server_learning_rate", server_learning_rate)
+    kit.check_in_range("server_momentum", server_momentum, 0.0, 1.0, high_open=True)
+    aggregator = privacy.tree_aggregator(
+        noise_multiplier, clip_norm, expected_cohort_size=expected_cohort_size
+    )
+    base = fed_avg(loss_fn, client_optimizer, aggregator=aggregator, unroll=unroll, name=name)
+
+    def init(params: Params, num_clients: int | None = None) -> ServerState:
+        del num_clients
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return kit.server_state(params, None, aggregator,
+                                extra=FTRLServerState(init_params=params, velocity=zeros))
+
+    def server_update(state: ServerState, prefix: PyTree, key: PRNGKey) -> ServerState:
+        del key
+        extra = state.extra
+        if server_momentum == 0:
+            velocity = prefix
+        else:
+            velocity = jax.tree.map(lambda v, s: server_momentum * v + s, extra.velocity, prefix)
+        params = jax.tree.map(lambda x0, v: x0 - server_learning_rate * v,
+                              extra.init_params, velocity)
+        return state._replace(params=params, extra=extra._replace(velocity=velocity))
+
+    return base._replace(init=init, server_update=server_update, update_is_delta=False)
