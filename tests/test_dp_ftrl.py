@@ -144,6 +144,8 @@ def test_bad_arguments_are_refused_before_anything_compiles():
         fl.algorithms.dp_ftrl(_loss, noise_multiplier=-1.0)
     with pytest.raises(ValueError, match="server_momentum"):
         fl.algorithms.dp_ftrl(_loss, server_momentum=1.0)
+    with pytest.raises(ValueError, match="server_momentum: give either"):
+        fl.algorithms.dp_ftrl(_loss, server_momentum=0.9, server_optimizer=optax.sgd(1.0))
     with pytest.raises(ValueError, match="max_participations"):
         privacy.ftrl_epsilon(1.0, 10, 1e-5, max_participations=11)
     with pytest.raises(ValueError, match="accountant"):

@@ -3,7 +3,8 @@
 Clients train locally and send clipped deltas, as in DP-FedAvg; the server does not noise each
 round's sum but the running sum over rounds, with tree-aggregated noise
 (:func:`fedjax_lab.privacy.tree_aggregator`), and sets the model from it in the FTRL form
-``x_t = x_0 - η v_t``, ``v_t = γ v_{t-1} + s̃_t / m``. The privacy holds whichever clients take
+``x_t = x_0 - η v_t``, ``v_t = γ v_{t-1} + s̃_t / m`` (the server optimiser applied to the noisy
+prefix sum, its step taken from ``x_0``). The privacy holds whichever clients take
 part each round (no Poisson sampling or shuffling needed); account for it with
 :func:`fedjax_lab.privacy.ftrl_epsilon`.
 """
@@ -12,11 +13,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from fedjax_lab import kit, privacy
+from fedjax_lab import server as server_lib
 from fedjax_lab._types import FederatedAlgorithm, LossFn, Params, PRNGKey, PyTree, ServerState
 from fedjax_lab.algorithms._registry import register
 from fedjax_lab.algorithms.fedavg import fed_avg
@@ -25,15 +25,13 @@ __all__ = ["FTRLServerState", "dp_ftrl"]
 
 
 class FTRLServerState(NamedTuple):
-    """DP-FTRL's server state (``ServerState.extra``).
+    """DP-FTRL's server state (``ServerState.extra``; ``v_t`` is the server optimiser's state).
 
     Attributes:
-      init_params: ``x_0``, the model the FTRL step starts from.
-      velocity: ``v_t = γ v_{t-1} + s̃_t / m`` (``= s̃_t / m`` without momentum).
+      init_params: ``x_0``, the model every FTRL step starts from.
     """
 
     init_params: Params
-    velocity: PyTree
 
 
 @register("dp_ftrl")
@@ -43,6 +41,7 @@ def dp_ftrl(
     *,
     noise_multiplier: float = 1.0,
     clip_norm: float = 1.0,
+    server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,
     server_momentum: float = 0.0,
     expected_cohort_size: float | None = None,
@@ -63,7 +62,9 @@ def dp_ftrl(
     * server (FTRL form): ``v_t = γ v_{t-1} + s̃_t / m``, ``x_t = x_0 - η v_t``. With
       ``γ = 0`` this is ``x_t = argmin_x <s̃_t / m, x> + ||x - x_0||² / (2 η)``; ``γ > 0`` is
       the paper's DP-FTRLM (momentum on the noisy prefix sums; post-processing, so the privacy
-      is the same).
+      is the same). It is the server optimiser ``fl.server.fed_avgm(η, γ)`` (``fed_sgd(η)``
+      for ``γ = 0``) fed ``s̃_t / m``, its update added to ``x_0``: ``x_t = x_0 + u_t``. Another
+      ``server_optimizer`` is used the same way (still post-processing).
 
     Without noise (``z = 0``) and momentum this is exactly clipped FedAvg with the server step
     ``x_t = x_{t-1} - η Σ_i Δ̃_i / m`` (a telescoping sum). ``m`` is ``expected_cohort_size``
@@ -74,6 +75,8 @@ def dp_ftrl(
       client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
       noise_multiplier: ``z >= 0``, the noise of each tree node in units of ``C``.
       clip_norm: ``C >= 0``.
+      server_optimizer: the map from ``s̃_t / m`` to ``x_t - x_0`` (default ``fed_sgd(η)``,
+        or ``fed_avgm(η, γ)`` with ``server_momentum``); give it or ``server_momentum``.
       server_learning_rate: ``η > 0`` (``1/λ`` of the paper's regulariser).
       server_momentum: ``γ`` in ``[0, 1)`` (paper: 0.9 for DP-FTRLM).
       expected_cohort_size: the fixed denominator ``m`` (``None``: the cohort size).
@@ -82,9 +85,10 @@ def dp_ftrl(
 
     Returns:
       A :class:`~fedjax_lab.FederatedAlgorithm`; the tree lives in ``state.aggregator_state``
-      (:class:`fedjax_lab.privacy.TreeAggregatorState`), ``x_0`` and ``v_t`` in
-      ``state.extra`` (:class:`FTRLServerState`). Its clients send the delta, but its aggregate
-      is a prefix sum, so it does not compose with ``with_aggregator`` / ``with_privacy``.
+      (:class:`fedjax_lab.privacy.TreeAggregatorState`), ``x_0`` in ``state.extra``
+      (:class:`FTRLServerState`), ``v_t`` in ``state.opt_state``. Its clients send the delta,
+      but its aggregate is a prefix sum, so it does not compose with ``with_aggregator`` /
+      ``with_privacy``.
 
     References:
       Kairouz, McMahan, Song, Thakkar, Thakurta, Xu, "Practical and Private (Deep) Learning
@@ -99,6 +103,13 @@ def dp_ftrl(
     """
     kit.check_positive("server_learning_rate", server_learning_rate)
     kit.check_in_range("server_momentum", server_momentum, 0.0, 1.0, high_open=True)
+    if server_optimizer is not None and server_momentum > 0:
+        raise ValueError(
+            "server_momentum: give either server_optimizer or server_momentum, not both."
+        )
+    if server_optimizer is None and server_momentum > 0:
+        server_optimizer = server_lib.fed_avgm(server_learning_rate, momentum=server_momentum)
+    server_opt = kit.server_optimizer(server_optimizer, server_learning_rate)
     aggregator = privacy.tree_aggregator(
         noise_multiplier, clip_norm, expected_cohort_size=expected_cohort_size
     )
@@ -106,19 +117,13 @@ def dp_ftrl(
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
         del num_clients
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return kit.server_state(params, None, aggregator,
-                                extra=FTRLServerState(init_params=params, velocity=zeros))
+        return kit.server_state(params, server_opt, aggregator,
+                                extra=FTRLServerState(init_params=params))
 
     def server_update(state: ServerState, prefix: PyTree, key: PRNGKey) -> ServerState:
         del key
-        extra = state.extra
-        if server_momentum == 0:
-            velocity = prefix
-        else:
-            velocity = jax.tree.map(lambda v, s: server_momentum * v + s, extra.velocity, prefix)
-        params = jax.tree.map(lambda x0, v: x0 - server_learning_rate * v,
-                              extra.init_params, velocity)
-        return state._replace(params=params, extra=extra._replace(velocity=velocity))
+        updates, opt_state = server_opt.update(prefix, state.opt_state, state.params)
+        params = optax.apply_updates(state.extra.init_params, updates)
+        return state._replace(params=params, opt_state=opt_state)
 
     return base._replace(init=init, server_update=server_update, update_is_delta=False)
