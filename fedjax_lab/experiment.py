@@ -536,8 +536,9 @@ def privacy_spent(
     * other samplers: ``epsilon = None``.
 
     DP-FTRL (:func:`fedjax_lab.privacy.ftrl_epsilon`): no sampling assumption
-    (``sampling = "none"``); a client may be drawn in every round, so the tree's sensitivity
-    is that of ``max_participations = rounds`` participations, whatever the sampler.
+    (``sampling = "none"``); without the entry's ``max_participations`` (which the algorithm
+    enforces) a client may be drawn in every round, so the tree's sensitivity is that of
+    ``rounds`` participations, whatever the sampler.
 
     Args:
       config: a validated config (:func:`validate`).
@@ -571,15 +572,17 @@ def privacy_spent(
     q, note = _sampling_rate(config, num_clients)
     out = {"delta": delta, "noise_multiplier": z, "rounds": int(rounds)}
     if spec["name"] == "dp_ftrl" and "privacy" not in spec:
-        k = int(rounds)
+        cap = spec.get("max_participations")
+        k = int(rounds) if cap is None else min(int(cap), int(rounds))
         eps, name = privacy_lib._ftrl_best(z, int(rounds), delta, k, accountant)
         return {
             "epsilon": eps, **out, "accountant": name, "sampling": "none",
             "neighbouring": "add_or_remove_one", "sampling_rate": q,
             "max_participations": k,
             "sampling_note": (
-                "DP-FTRL assumes no sampling: every client may take part in all "
-                f"{k} rounds (tree aggregation, Kairouz et al. 2021)"
+                "DP-FTRL assumes no sampling (tree aggregation, Kairouz et al. 2021): "
+                + (f"every client may take part in all {k} rounds" if cap is None else
+                   f"max_participations = {cap} caps each client's rounds")
             ),
         }
     uniform = (config.get("sampler") or {"name": "uniform"})["name"] == "uniform"

@@ -218,3 +218,32 @@ def test_a_dp_ftrl_config_reports_the_tree_epsilon_with_no_sampling_assumption()
     rdp = exp_lib.validate({**cfg, "privacy": {"delta": 1e-3, "accountant": "rdp"}})
     assert exp_lib.privacy_spent(rdp, rdp["algorithms"][0], 12, 100)["epsilon"] == (
         privacy.ftrl_epsilon(30.0, 12, 1e-3, max_participations=12, accountant="rdp"))
+
+
+def test_max_participations_is_enforced_and_accounted():
+    key = jax.random.key(2)
+    capped = fl.algorithms.dp_ftrl(_loss, noise_multiplier=0.0, clip_norm=0.3,
+                                   server_learning_rate=0.5, max_participations=2)
+    free = fl.algorithms.dp_ftrl(_loss, noise_multiplier=0.0, clip_norm=0.3,
+                                 server_learning_rate=0.5)
+    x, y = _problem()
+    state_c, state_f = capped.init(jnp.zeros(D), num_clients=CLIENTS), free.init(jnp.zeros(D))
+    seen = []
+    for _ in range(4):  # the same cohort every round: everyone hits the cap after round 2
+        state_c, _ = fl.run_round(capped, state_c, _cohort(x, y, 2), key)
+        state_f, _ = fl.run_round(free, state_f, _cohort(x, y, 2), key)
+        seen.append((np.asarray(state_c.params), np.asarray(state_f.params)))
+    np.testing.assert_array_equal(seen[1][0], seen[1][1])  # rounds 1-2: the same
+    np.testing.assert_array_equal(seen[3][0], seen[1][0])  # then nothing is added
+    assert not np.allclose(seen[3][1], seen[1][1])
+    assert np.asarray(state_c.client_states).tolist() == [2] * CLIENTS
+    with pytest.raises(ValueError, match="num_clients"):
+        fl.run_round(capped, capped.init(jnp.zeros(D)), _cohort(x, y, 1), key)
+    with pytest.raises(ValueError, match="max_participations"):
+        fl.algorithms.dp_ftrl(_loss, max_participations=0)
+    cfg = exp_lib.validate({"algorithms": [{"name": "dp_ftrl", "noise_multiplier": 30.0,
+                                            "max_participations": 3}],
+                            "privacy": {"delta": 1e-3}})
+    spent = exp_lib.privacy_spent(cfg, cfg["algorithms"][0], rounds=12, num_clients=100)
+    assert spent["max_participations"] == 3
+    assert spent["epsilon"] == privacy.ftrl_epsilon(30.0, 12, 1e-3, max_participations=3)

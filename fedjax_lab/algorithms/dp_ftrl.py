@@ -13,11 +13,21 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import optax
 
 from fedjax_lab import kit, privacy
 from fedjax_lab import server as server_lib
-from fedjax_lab._types import FederatedAlgorithm, LossFn, Params, PRNGKey, PyTree, ServerState
+from fedjax_lab._types import (
+    ClientInput,
+    ClientOutput,
+    FederatedAlgorithm,
+    LossFn,
+    Params,
+    PRNGKey,
+    PyTree,
+    ServerState,
+)
 from fedjax_lab.algorithms._registry import register
 from fedjax_lab.algorithms.fedavg import fed_avg
 
@@ -45,6 +55,7 @@ def dp_ftrl(
     server_learning_rate: float = 1.0,
     server_momentum: float = 0.0,
     expected_cohort_size: float | None = None,
+    max_participations: int | None = None,
     unroll: int | bool = 1,
     name: str = "dp_ftrl",
 ) -> FederatedAlgorithm:
@@ -66,6 +77,11 @@ def dp_ftrl(
       for ``γ = 0``) fed ``s̃_t / m``, its update added to ``x_0``: ``x_t = x_0 + u_t``. Another
       ``server_optimizer`` is used the same way (still post-processing).
 
+    ``max_participations = k`` enforces the participation bound the accounting needs: each
+    client keeps a count of the rounds it took part in (per-client state) and, from its
+    ``k``-th on, sends nothing (weight 0); :func:`fedjax_lab.experiment.privacy_spent` then
+    accounts for ``k`` participations instead of one in every round.
+
     Without noise (``z = 0``) and momentum this is exactly clipped FedAvg with the server step
     ``x_t = x_{t-1} - η Σ_i Δ̃_i / m`` (a telescoping sum). ``m`` is ``expected_cohort_size``
     (default: the number of cohort slots).
@@ -80,6 +96,8 @@ def dp_ftrl(
       server_learning_rate: ``η > 0`` (``1/λ`` of the paper's regulariser).
       server_momentum: ``γ`` in ``[0, 1)`` (paper: 0.9 for DP-FTRLM).
       expected_cohort_size: the fixed denominator ``m`` (``None``: the cohort size).
+      max_participations: ``k >= 1``: no client contributes to more than ``k`` rounds (needs
+        ``alg.init(params, num_clients=N)``); ``None``: no bound.
       unroll: ``lax.scan`` unroll of the local steps.
       name: a label for logs and tables.
 
@@ -102,6 +120,7 @@ def dp_ftrl(
       ('dp_ftrl', 0, [1.0, 1.0])
     """
     kit.check_positive("server_learning_rate", server_learning_rate)
+    kit.check_count("max_participations", max_participations, 1, optional=True)
     kit.check_in_range("server_momentum", server_momentum, 0.0, 1.0, high_open=True)
     if server_optimizer is not None and server_momentum > 0:
         raise ValueError(
@@ -116,9 +135,19 @@ def dp_ftrl(
     base = fed_avg(loss_fn, client_optimizer, aggregator=aggregator, unroll=unroll, name=name)
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
-        del num_clients
-        return kit.server_state(params, server_opt, aggregator,
+        n = kit.check_num_clients(num_clients)
+        counts = () if max_participations is None or n is None else jnp.zeros(n, jnp.int32)
+        return kit.server_state(params, server_opt, aggregator, client_states=counts,
                                 extra=FTRLServerState(init_params=params))
+
+    def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
+        out = base.client_update(state, client, key)
+        if max_participations is None:
+            return out
+        kit.require_client_state(client.state, name)
+        weight = jnp.where(client.state < max_participations, out.weight, 0.0)
+        took_part = (jnp.asarray(weight) > 0).astype(jnp.int32)
+        return out._replace(weight=weight, state=client.state + took_part)
 
     def server_update(state: ServerState, prefix: PyTree, key: PRNGKey) -> ServerState:
         del key
@@ -126,4 +155,5 @@ def dp_ftrl(
         params = optax.apply_updates(state.extra.init_params, updates)
         return state._replace(params=params, opt_state=opt_state)
 
-    return base._replace(init=init, server_update=server_update, update_is_delta=False)
+    return base._replace(init=init, client_update=client_update, server_update=server_update,
+                         update_is_delta=False)
