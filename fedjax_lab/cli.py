@@ -6,8 +6,9 @@ of CONFIG (the default experiment when CONFIG is omitted) as compiled blocks of
 round, train loss, latest test accuracy, rounds/s and ETA. It writes, per algorithm,
 ``DIR/<label>/metrics.jsonl`` (one line a round) and ``DIR/<label>/checkpoints/``, and for the
 whole run ``DIR/summary.json`` (config, versions, device, wall time, final metrics and
-``params_sha256`` per algorithm; a ``dp_fedavg`` run adds the privacy spent: ``epsilon``,
-``delta``, ``accountant``, ``sampling``, ``sampling_rate``, ``noise_multiplier``, see
+``params_sha256`` per algorithm; a ``dp_fedavg`` or ``dp_ftrl`` run adds the privacy spent:
+``epsilon`` (of the sampler actually used), ``delta``, ``accountant``, ``sampling``,
+``sampling_rate``, ``noise_multiplier``, ``epsilon_poisson`` (the Poisson approximation), see
 :func:`fedjax_lab.experiment.privacy_spent`, also printed) and the plots ``accuracy.png``,
 ``train_loss.png`` and ``client_accuracy.png``. ``--resume`` continues every run from its last
 good checkpoint and ends bit-identical to a run never interrupted; ``--resume --rounds N`` with
@@ -618,8 +619,9 @@ def _run_one(
     spent = exp_lib.privacy_spent(cfg, spec, done, experiment.train.num_clients)
     if spent is not None:
         summary.update(spent)
-        if summary["epsilon"] == float("inf"):
-            summary["epsilon"] = None  # JSON has no infinity; noise_multiplier 0 says why
+        for key in ("epsilon", "epsilon_poisson"):
+            if summary.get(key) == float("inf"):
+                summary[key] = None  # JSON has no infinity; noise_multiplier 0 says why
     client_acc = np.stack([f["client_accuracy"] for f in finals], axis=-1)  # [clients, seeds]
     if writer:
         np.savetxt(run_dir / "client_accuracy.txt", client_acc if multi else client_acc[:, 0],
@@ -701,16 +703,24 @@ def _privacy_lines(results: dict[str, dict[str, Any]]) -> list[str]:
         s = res["summary"]
         if "noise_multiplier" not in s:
             continue
-        if s["sampling_rate"] is None:
+        if s["sampling"] is None:
             lines.append(f"{label}: no epsilon: {s['sampling_note']}")
             continue
         eps = "inf (noise_multiplier 0: no privacy)" if s["epsilon"] is None else (
             f"{s['epsilon']:.4g}"
         )
+        if s["sampling"] == "none":  # DP-FTRL: no sampling assumption
+            how = f"no sampling assumed, {s['accountant'].upper()} accountant; {s['sampling_note']}"
+        else:
+            how = (f"sampling rate {s['sampling_rate']:g}, {s['sampling']} sampling, "
+                   f"{s['accountant'].upper()} accountant")
+            if s["sampling"] != "poisson" and s["epsilon"] is not None:
+                how += (f"; Poisson approximation: epsilon_poisson = "
+                        f"{s['epsilon_poisson']:.4g} ({s['accountant_poisson'].upper()})")
+            how += f"; {s['sampling_note']}"
         lines.append(
             f"{label}: epsilon = {eps} at delta = {s['delta']:g} after {s['rounds']} rounds "
-            f"(noise_multiplier {s['noise_multiplier']:g}, sampling rate {s['sampling_rate']:g}, "
-            f"{s['accountant'].upper()} accountant; q = {s['sampling_note']})"
+            f"(noise_multiplier {s['noise_multiplier']:g}, {how})"
         )
     return lines
 

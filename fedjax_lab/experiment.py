@@ -4,7 +4,7 @@ A config is checked completely — every key, type and allowed value — before 
 anything compiles, and an invalid one raises :class:`ConfigError` naming the key and what it
 accepts. :func:`build` turns a valid config into the data, model and algorithms of a run.
 An optional ``[privacy]`` table (``delta``, ``accountant``) says how :func:`privacy_spent`
-accounts the ``dp_fedavg`` runs.
+accounts the ``dp_fedavg`` and ``dp_ftrl`` runs.
 
 The default experiment (``fedjax-lab run`` with no config) is :data:`DEFAULT_CONFIG`: digits over
 100 clients with Dirichlet(0.5) label skew, a small MLP, 10 clients a round, FedAvg against
@@ -141,7 +141,7 @@ _DATA_ON = ("device", "host")
 _EVALUATION = {"every": (int, 1), "batch_size": (int, 1)}
 _CHECKPOINT = {"every": (int, 1), "keep": (int, 1)}
 _PRIVACY = {"delta": (float, None), "accountant": (str, None)}
-_ACCOUNTANTS = ("pld", "rdp")
+_ACCOUNTANTS = ("best", "pld", "rdp")
 DEFAULT_DELTA = 1e-5
 """The ``δ`` of the ``(ε, δ)`` reported for DP runs when ``[privacy]`` gives no ``delta``."""
 
@@ -467,7 +467,7 @@ def _check_privacy(privacy: dict[str, Any]) -> None:
             f"privacy.delta: need a probability in (0, 1), e.g. 1e-5 (well below "
             f"1 / num_clients), got {delta!r}."
         )
-    accountant = privacy.get("accountant", "rdp")
+    accountant = privacy.get("accountant", "best")
     if accountant not in _ACCOUNTANTS:
         raise ConfigError(
             f"privacy.accountant: got {accountant!r}; allowed: {_allowed(_ACCOUNTANTS)}."
@@ -505,20 +505,54 @@ def _sampling_rate(cfg: dict[str, Any], num_clients: int) -> tuple[float | None,
     )
 
 
+def _noise_multiplier(spec: dict[str, Any]) -> float:
+    if "privacy" in spec:
+        from fedjax_lab.algorithms import with_privacy
+
+        return float(spec["privacy"].get(
+            "noise_multiplier", _factory_params(with_privacy)["noise_multiplier"].default
+        ))
+    return float(spec.get(
+        "noise_multiplier", _factory_params(REGISTRY[spec["name"]])["noise_multiplier"].default
+    ))
+
+
+def _is_private(spec: dict[str, Any]) -> bool:
+    return spec["name"] in _PRIVATE_ALGORITHMS or "privacy" in spec
+
+
+_PRIVATE_ALGORITHMS = ("dp_fedavg", "dp_ftrl")
+
+
 def privacy_spent(
     config: dict[str, Any], spec: dict[str, Any], rounds: int, num_clients: int
 ) -> dict[str, Any] | None:
-    """The ``(ε, δ)`` a ``dp_fedavg`` entry of a config has spent after ``rounds`` rounds.
+    """The ``(ε, δ)`` a private ``[[algorithms]]`` entry of a config has spent after ``rounds``.
 
-    ``ε = fl.privacy.epsilon(z, q, rounds, δ, accountant=..., sampling="poisson")``: user-level
-    DP of a Poisson-sampled Gaussian mechanism composed over the rounds (McMahan et al. 2018),
-    with ``z`` the entry's ``noise_multiplier`` (with adaptive clipping ``z`` covers the update
-    and the clipped-count noise together), ``δ`` and the accountant from ``[privacy]``
-    (defaults :data:`DEFAULT_DELTA`, ``"rdp"``) and ``q``: ``cohort_size / num_clients`` for
-    the ``uniform`` sampler (fixed-size cohorts accounted as Poisson sampling, the usual
-    approximation) or ``max(probs)`` for the ``bernoulli`` sampler (exact Poisson sampling when
-    the cohort holds every available client). Other samplers get ``epsilon = None``.
-    ``noise_multiplier = 0`` gives ``epsilon = inf``.
+    Private entries: ``dp_fedavg``, ``dp_ftrl`` and any entry with a ``[privacy]`` table.
+
+    ``δ`` and the accountant come from ``[privacy]`` (defaults :data:`DEFAULT_DELTA` and
+    ``"best"``: the smallest ``ε`` of the accountants that apply, see
+    :func:`fedjax_lab.privacy.best_epsilon`; ``"rdp"`` or ``"pld"`` force one); ``z`` is the
+    entry's ``noise_multiplier`` (with adaptive clipping it covers the update and the
+    clipped-count noise together). ``noise_multiplier = 0`` gives ``epsilon = inf``.
+
+    DP-FedAvg (a sampled Gaussian mechanism each round, composed over the rounds):
+
+    * ``uniform`` sampler: the cohorts are fixed-size, drawn without replacement. ``epsilon``
+      is the ``ε`` of THAT sampler (``sampling = "fixed_size_without_replacement"``,
+      replace-one neighbours, RDP: the only accountant of it in dp-accounting,
+      ``fl.privacy.epsilon(..., sampling="uniform")``); ``epsilon_poisson`` is the usual
+      Poisson approximation (``q = cohort_size / num_clients``, add-or-remove-one neighbours,
+      McMahan et al. 2018) under the configured accountant (``accountant_poisson``).
+    * ``bernoulli`` sampler: Poisson sampling with ``q = max(probs)``, exact while the cohort
+      holds every available client: ``epsilon = epsilon_poisson``.
+    * other samplers: ``epsilon = None``.
+
+    DP-FTRL (:func:`fedjax_lab.privacy.ftrl_epsilon`): no sampling assumption
+    (``sampling = "none"``); without the entry's ``max_participations`` (which the algorithm
+    enforces) a client may be drawn in every round, so the tree's sensitivity is that of
+    ``rounds`` participations, whatever the sampler.
 
     Args:
       config: a validated config (:func:`validate`).
@@ -527,52 +561,76 @@ def privacy_spent(
       num_clients: the population size ``N``.
 
     Returns:
-      ``None`` unless ``spec`` is ``dp_fedavg`` or holds a ``[privacy]`` table; else a dict
-      with ``epsilon``, ``delta``, ``accountant``, ``sampling``, ``sampling_rate``,
-      ``noise_multiplier``, ``rounds`` and ``sampling_note``.
+      ``None`` unless ``spec`` is private; else a dict with ``epsilon``, ``delta``,
+      ``accountant``, ``sampling``, ``neighbouring``, ``sampling_rate``, ``noise_multiplier``,
+      ``rounds``, ``sampling_note`` and, for DP-FedAvg with a known sampler,
+      ``epsilon_poisson`` and ``accountant_poisson`` (for DP-FTRL ``max_participations``).
 
     Example:
       >>> cfg = validate({"algorithms": [{"name": "dp_fedavg", "noise_multiplier": 1.0}],
       ...                 "privacy": {"delta": 1e-4}})
       >>> spent = privacy_spent(cfg, cfg["algorithms"][0], rounds=100, num_clients=100)
-      >>> round(spent["epsilon"], 2), spent["sampling_rate"], spent["accountant"]
-      (6.82, 0.1, 'rdp')
+      >>> round(spent["epsilon"], 2), spent["sampling"], spent["accountant"]
+      (81.63, 'fixed_size_without_replacement', 'rdp')
+      >>> round(spent["epsilon_poisson"], 2), spent["accountant_poisson"]
+      (5.97, 'pld')
     """
-    if spec["name"] != "dp_fedavg" and "privacy" not in spec:
+    if not _is_private(spec):
         return None
     from fedjax_lab import privacy as privacy_lib
 
     privacy = config.get("privacy") or {}
     delta = float(privacy.get("delta", DEFAULT_DELTA))
-    accountant = privacy.get("accountant", "rdp")
-    if "privacy" in spec:
-        from fedjax_lab.algorithms import with_privacy
-
-        z = spec["privacy"].get(
-            "noise_multiplier", _factory_params(with_privacy)["noise_multiplier"].default
-        )
-    else:
-        z = spec.get(
-            "noise_multiplier",
-            _factory_params(REGISTRY["dp_fedavg"])["noise_multiplier"].default,
-        )
+    accountant = privacy.get("accountant", "best")
+    z = _noise_multiplier(spec)
     q, note = _sampling_rate(config, num_clients)
+    out = {"delta": delta, "noise_multiplier": z, "rounds": int(rounds)}
+    if spec["name"] == "dp_ftrl" and "privacy" not in spec:
+        cap = spec.get("max_participations")
+        k = int(rounds) if cap is None else min(int(cap), int(rounds))
+        eps, name = privacy_lib._ftrl_best(z, int(rounds), delta, k, accountant)
+        return {
+            "epsilon": eps, **out, "accountant": name, "sampling": "none",
+            "neighbouring": "add_or_remove_one", "sampling_rate": q,
+            "max_participations": k,
+            "sampling_note": (
+                "DP-FTRL assumes no sampling (tree aggregation, Kairouz et al. 2021): "
+                + (f"every client may take part in all {k} rounds" if cap is None else
+                   f"max_participations = {cap} caps each client's rounds")
+            ),
+        }
+    uniform = (config.get("sampler") or {"name": "uniform"})["name"] == "uniform"
     if q is None:
-        eps = None
-    elif q == 0.0:
-        eps = 0.0  # nobody ever takes part
+        return {"epsilon": None, **out, "accountant": None, "sampling": None,
+                "neighbouring": None, "sampling_rate": None, "sampling_note": note}
+    if q == 0.0:  # nobody ever takes part
+        poisson, poisson_name = 0.0, accountant
     else:
-        eps = privacy_lib.epsilon(float(z), q, int(rounds), delta, accountant=accountant)
-    return {
-        "epsilon": eps,
-        "delta": delta,
-        "accountant": accountant if q is not None else None,
-        "sampling": "poisson" if q is not None else None,
-        "sampling_rate": q,
-        "noise_multiplier": float(z),
-        "rounds": int(rounds),
-        "sampling_note": note,
-    }
+        poisson, poisson_name = privacy_lib.best_epsilon(z, q, int(rounds), delta,
+                                                         accountant=accountant)
+    spent = {"epsilon": poisson, **out, "accountant": poisson_name, "sampling": "poisson",
+             "neighbouring": "add_or_remove_one", "sampling_rate": q,
+             "epsilon_poisson": poisson, "accountant_poisson": poisson_name,
+             "sampling_note": note}
+    if uniform:
+        cohort = int(round(q * num_clients))
+        if q == 0.0:
+            actual, name = 0.0, "rdp"
+        else:
+            actual, name = privacy_lib.best_epsilon(
+                z, cohort / num_clients, int(rounds), delta,
+                accountant="rdp" if accountant == "pld" else accountant,
+                sampling="uniform", num_clients=int(num_clients),
+            )
+        spent.update(epsilon=actual, accountant=name, sampling="fixed_size_without_replacement",
+                     neighbouring="replace_one")
+        spent["sampling_note"] = (
+            f"epsilon: fixed-size cohorts of {cohort} of {num_clients} clients without "
+            "replacement (the uniform sampler), replace-one neighbours, RDP (the only "
+            "accountant for it); epsilon_poisson: the Poisson approximation at q = "
+            "cohort_size / num_clients, add-or-remove-one neighbours (McMahan et al. 2018)"
+        )
+    return spent
 
 
 def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -864,7 +922,7 @@ def build(config: dict[str, Any]) -> Experiment:
             f"{train.num_clients} clients of the data; use <= {train.num_clients}."
         )
     delta = (cfg.get("privacy") or {}).get("delta", DEFAULT_DELTA)
-    private = any(spec["name"] == "dp_fedavg" or "privacy" in spec for spec in cfg["algorithms"])
+    private = any(_is_private(spec) for spec in cfg["algorithms"])
     if private and not (
         delta < 1.0 / train.num_clients
     ):
@@ -909,7 +967,7 @@ _SPEC_DEFAULTS = {
     ("training", "seeds"): 1,
     ("training", "data_on"): "device",
     ("privacy", "delta"): DEFAULT_DELTA,
-    ("privacy", "accountant"): "rdp",
+    ("privacy", "accountant"): "best",
 }
 
 
@@ -1137,8 +1195,10 @@ def starter_config(algorithm: str) -> str:
         *(f"{k} = {_toml(v)}" for k, v in d["checkpoint"].items()),
         "",
     ]
-    if algorithm == "dp_fedavg":
-        lines += ["[privacy]", f"delta = {_toml(DEFAULT_DELTA)}", 'accountant = "rdp"', ""]
+    if algorithm in _PRIVATE_ALGORITHMS:
+        lines += ["[privacy]", f"delta = {_toml(DEFAULT_DELTA)}",
+                  '# accountant: "best" (the smallest epsilon of those that apply), "pld", "rdp"',
+                  'accountant = "best"', ""]
     lines += [
         "[[algorithms]]",
         f"name = {_toml(algorithm)}",

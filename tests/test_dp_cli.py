@@ -69,6 +69,17 @@ def _pld_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
     return acc.get_epsilon(delta)
 
 
+def _fixed_size_epsilon(z: float, cohort: int, n: int, rounds: int, delta: float) -> float:
+    """Fixed-size cohorts without replacement: replace-one RDP, sensitivity 2C (z / 2)."""
+    acc = dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    one = dp_accounting.SampledWithoutReplacementDpEvent(
+        n, cohort, dp_accounting.GaussianDpEvent(z / 2))
+    acc.compose(dp_accounting.SelfComposedDpEvent(one, rounds))
+    return acc.get_epsilon(delta)
+
+
 def test_run_writes_and_prints_the_epsilon_dp_accounting_computes(tmp_path: Path, capsys):
     cfg = tmp_path / "dp.toml"
     cfg.write_text(TINY_DP)
@@ -78,17 +89,25 @@ def test_run_writes_and_prints_the_epsilon_dp_accounting_computes(tmp_path: Path
     runs = json.loads((out / "summary.json").read_text())["runs"]
     q = COHORT / NUM_CLIENTS
     fixed = runs["dp_fixed"]
-    want = _rdp_epsilon(0.9, q, ROUNDS, DELTA)
+    # epsilon: the sampler actually used (fixed-size cohorts without replacement, RDP).
+    want = _fixed_size_epsilon(0.9, COHORT, NUM_CLIENTS, ROUNDS, DELTA)
     assert fixed["epsilon"] == pytest.approx(want, rel=1e-9)
     assert 0 < fixed["epsilon"] < math.inf
-    assert (fixed["delta"], fixed["accountant"], fixed["sampling"]) == (DELTA, "rdp", "poisson")
+    assert (fixed["delta"], fixed["accountant"], fixed["sampling"], fixed["neighbouring"]) == (
+        DELTA, "rdp", "fixed_size_without_replacement", "replace_one")
     assert (fixed["noise_multiplier"], fixed["sampling_rate"], fixed["rounds"]) == (0.9, q, ROUNDS)
+    # epsilon_poisson: the Poisson approximation, the tighter of RDP and PLD by default.
+    rdp, pld = _rdp_epsilon(0.9, q, ROUNDS, DELTA), _pld_epsilon(0.9, q, ROUNDS, DELTA)
+    assert fixed["epsilon_poisson"] == pytest.approx(min(rdp, pld), rel=1e-9)
+    assert fixed["accountant_poisson"] == ("pld" if pld < rdp else "rdp")
     per_run = json.loads((out / "dp_fixed" / "summary.json").read_text())
     assert per_run["epsilon"] == fixed["epsilon"]
     # No noise: no guarantee, written as null (JSON has no infinity) and printed as inf.
     assert runs["dp_clip_only"]["epsilon"] is None
+    assert runs["dp_clip_only"]["epsilon_poisson"] is None
     assert runs["dp_clip_only"]["noise_multiplier"] == 0.0
     assert f"dp_fixed: epsilon = {fixed['epsilon']:.4g} at delta = 0.001" in printed
+    assert f"epsilon_poisson = {fixed['epsilon_poisson']:.4g}" in printed
     assert "dp_clip_only: epsilon = inf" in printed
 
 
@@ -106,9 +125,18 @@ def test_pld_accountant_and_bernoulli_sampler_match_dp_accounting():
     cfg = _cfg(delta=1e-5, accountant="pld")
     spent = exp_lib.privacy_spent(cfg, cfg["algorithms"][0], rounds=50, num_clients=200)
     assert spent["sampling_rate"] == 10 / 200
-    assert spent["epsilon"] == pytest.approx(_pld_epsilon(1.3, 0.05, 50, 1e-5), rel=1e-9)
+    assert spent["epsilon_poisson"] == pytest.approx(_pld_epsilon(1.3, 0.05, 50, 1e-5), rel=1e-9)
+    assert spent["accountant_poisson"] == "pld"
     # PLD is tighter than RDP for the same event.
-    assert spent["epsilon"] < _rdp_epsilon(1.3, 0.05, 50, 1e-5)
+    assert spent["epsilon_poisson"] < _rdp_epsilon(1.3, 0.05, 50, 1e-5)
+    # PLD does not account for fixed-size cohorts: the actual sampler's epsilon is RDP's.
+    assert spent["epsilon"] == pytest.approx(_fixed_size_epsilon(1.3, 10, 200, 50, 1e-5),
+                                             rel=1e-9)
+    assert spent["accountant"] == "rdp"
+    forced = _cfg(delta=1e-5, accountant="rdp")
+    spent = exp_lib.privacy_spent(forced, forced["algorithms"][0], rounds=50, num_clients=200)
+    assert spent["epsilon_poisson"] == pytest.approx(_rdp_epsilon(1.3, 0.05, 50, 1e-5), rel=1e-9)
+    assert spent["accountant_poisson"] == "rdp"
 
     bern = exp_lib.validate(
         {
@@ -118,7 +146,12 @@ def test_pld_accountant_and_bernoulli_sampler_match_dp_accounting():
     )
     spent = exp_lib.privacy_spent(bern, bern["algorithms"][0], rounds=50, num_clients=3)
     assert spent["sampling_rate"] == 0.07 and spent["delta"] == exp_lib.DEFAULT_DELTA
-    assert spent["epsilon"] == pytest.approx(_rdp_epsilon(1.3, 0.07, 50, 1e-5), rel=1e-9)
+    # Bernoulli participation is Poisson sampling: the actual sampler's epsilon is Poisson's,
+    # by default the smaller of RDP and PLD.
+    rdp, pld = _rdp_epsilon(1.3, 0.07, 50, 1e-5), _pld_epsilon(1.3, 0.07, 50, 1e-5)
+    assert spent["epsilon"] == pytest.approx(min(rdp, pld), rel=1e-9)
+    assert spent["epsilon"] == spent["epsilon_poisson"] and spent["sampling"] == "poisson"
+    assert spent["accountant"] == ("pld" if pld < rdp else "rdp")
 
     other = exp_lib.validate(
         {
@@ -139,7 +172,8 @@ def test_pld_accountant_and_bernoulli_sampler_match_dp_accounting():
         ({"delta": "1e-5"}, "privacy.delta: expected float"),
         ({"delta": True}, "privacy.delta: expected float"),
         ({"delt": 1e-5}, "privacy.delt: unknown key; allowed: 'accountant', 'delta'"),
-        ({"accountant": "moments"}, "privacy.accountant: got 'moments'; allowed: 'pld', 'rdp'"),
+        ({"accountant": "moments"},
+         "privacy.accountant: got 'moments'; allowed: 'best', 'pld', 'rdp'"),
     ],
 )
 def test_bad_privacy_section_names_the_key(privacy, match):

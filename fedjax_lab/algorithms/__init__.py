@@ -17,7 +17,8 @@ personalisation        ``ditto``, ``pfedme``, ``fedrep``, ``fedper``, ``perfedav
 fairness               ``qffl``
 privacy, robustness,   ``dp_fedavg``, ``robust_fedavg``, ``fedavg_topk``, ``fedavg_qsgd`` (FedAvg
 compression            composed with :func:`with_privacy`, :func:`with_aggregator`,
-                       :func:`with_attack`, :func:`with_compression`, which wrap any algorithm)
+                       :func:`with_attack`, :func:`with_compression`, which wrap any algorithm);
+                       ``dp_ftrl`` (tree-aggregated noise, no sampling assumption)
 =====================  ===========================================================================
 
 New algorithms are written from :mod:`fedjax_lab.kit`; see notebook 04.
@@ -39,6 +40,7 @@ from fedjax_lab.algorithms.composed import (
 )
 from fedjax_lab.algorithms.ditto import ditto
 from fedjax_lab.algorithms.dp_fedavg import dp_fed_avg
+from fedjax_lab.algorithms.dp_ftrl import FTRLServerState, dp_ftrl
 from fedjax_lab.algorithms.fedau import fed_au
 from fedjax_lab.algorithms.fedavg import fed_adagrad, fed_adam, fed_avg, fed_avgm, fed_opt, fed_yogi
 from fedjax_lab.algorithms.fedbuff import fed_buff
@@ -56,8 +58,10 @@ from fedjax_lab.algorithms.scaffold import scaffold
 
 __all__ = [
     "REGISTRY",
+    "FTRLServerState",
     "ditto",
     "dp_fed_avg",
+    "dp_ftrl",
     "fed_adagrad",
     "fed_adam",
     "fed_au",
