@@ -295,3 +295,23 @@ def test_backdoor_stamps_relabels_exactly_and_asr_matches_a_hand_count():
     assert res["accuracy"] == pytest.approx(np.mean(clean_pred == ty))
     with pytest.raises(ValueError, match="poison_fraction"):
         attacks.backdoor(poison_fraction=1.5)
+
+
+def test_robustness_table_smoke_writes_the_backdoor_row(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "robustness" / "table.py"
+    spec = importlib.util.spec_from_file_location("robustness_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    monkeypatch.setattr(table, "SMOKE", {**table.SMOKE, "rounds": 2, "seeds": [0],
+                                         "aggregators": ["fltrust"], "attacks": ["backdoor"]})
+    out = tmp_path / "r.json"
+    table.main(["--smoke", "--out", str(out)])
+    res = json.loads(out.read_text())
+    (cell,) = res["results"]
+    assert (cell["aggregator"], cell["attack"], res["mode"]) == ("fltrust", "backdoor", "smoke")
+    assert 0.0 <= cell["test_accuracy"] <= 1.0 and 0.0 <= cell["attack_success_rate"] <= 1.0
+    assert "| backdoor (attack success rate) |" in table.markdown(res, res["settings"])
