@@ -482,6 +482,10 @@ def fltrust(root_update_fn: Callable[[Params, PRNGKey], PyTree]) -> Aggregator:
     positive trust the aggregate is zeros and the total weight 0 (the round is skipped);
     otherwise the total weight is the sum of the counted clients' weights.
 
+    It needs the server's data, so it is built in Python (``fl.algorithms.with_aggregator(alg,
+    fl.robust.fltrust(fl.robust.fltrust_root_update(loss_fn, root_batches)))``), not by name
+    from a config's ``[aggregator]`` table.
+
     Args:
       root_update_fn: ``root_update_fn(params, key) -> update``, a tree like the params with
         the clients' sign convention (``params - trained params``).
