@@ -58,6 +58,11 @@ def round_core(
     and ``server_update`` as ``aggregate = (aggregate, pre_pass_mean)``. Its keys come from
     ``fold_in(round_key, PRE_PASS_SALT)``, so the other keys of the round are unchanged.
 
+    With ``alg.aggregator.refresh`` the aggregator's state is first refreshed at the current
+    server params (``fold_in(round_key, REFRESH_SALT)``). With ``alg.collude`` the client map
+    stacks the raw ``(update, weight)`` rows, ``collude`` rewrites the updates
+    (``fold_in(round_key, COLLUDE_SALT)``), and ``aggregator.prepare`` runs on each row after.
+
     The guard: the round is applied only when some client counted (``total_weight > 0``), the
     aggregate is finite (and, with ``max_update_norm``, its global norm is at most that), and
     every floating-point leaf of the new server state (params, optimiser and aggregator
@@ -74,6 +79,12 @@ def round_core(
     client_keys = jax.random.split(k_clients, c)
     has_client_state = bool(jax.tree.leaves(cohort_states))
     stack = alg.aggregator.reduce == "stack"
+    collude = alg.collude is not None
+    agg_state_in = state.aggregator_state
+    if alg.aggregator.refresh is not None:  # server-side work at the current params (FLTrust)
+        agg_state_in = alg.aggregator.refresh(
+            agg_state_in, state.params, jax.random.fold_in(round_key, REFRESH_SALT)
+        )
     pre = ()
     if alg.pre_pass is not None:
         pre = _pre_pass(alg, client_map, state, cohort, cohort_states, round_key,
@@ -95,22 +106,34 @@ def round_core(
         weight = weight.astype(jnp.promote_types(weight.dtype, jnp.float32))
         weight = jnp.where(finite, weight, 0.0)
         update = optax.tree.where(finite, out.update, optax.tree.zeros_like(out.update))
-        contribution = alg.aggregator.prepare(update, weight, agg_state)
+        if collude:  # the raw updates, stacked: the colluders rewrite them after the map
+            contribution = (update, weight)
+        else:
+            contribution = alg.aggregator.prepare(update, weight, agg_state)
         metrics = {k: jnp.where(finite, v, 0.0) for k, v in out.metrics.items()}
         metrics["dropped_clients"] = 1.0 - finite.astype(jnp.float32)
         # A dropped client, or a padding slot (cohort weight 0), keeps its old per-client state.
         keep_new = finite & (jnp.asarray(weight_in) > 0)
         new_state = optax.tree.where(keep_new, out.state, client_state) if has_client_state else ()
-        to_sum = ((), metrics) if stack else (contribution, metrics)
-        to_stack = (contribution if stack else (), new_state)
+        to_sum = ((), metrics) if stack or collude else (contribution, metrics)
+        to_stack = (contribution if stack or collude else (), new_state)
         return to_sum, to_stack
 
     xs = (cohort.batches, cohort.weights, cohort.client_ids, cohort_states, client_keys)
-    shared = (state, state.aggregator_state, gather_data)
+    shared = (state, agg_state_in, gather_data)
     (summed, metrics), (stacked, new_cohort_states) = client_map.apply(one_client, shared, xs)
     contributions = stacked if stack else summed
+    if collude:
+        updates, weights = stacked
+        updates = alg.collude(updates, weights, cohort.client_ids,
+                              jax.random.fold_in(round_key, COLLUDE_SALT))
+        contributions = jax.vmap(alg.aggregator.prepare, in_axes=(0, 0, None))(
+            updates, weights, agg_state_in
+        )
+        if not stack:
+            contributions = jax.tree.map(lambda x: jnp.sum(x, axis=0), contributions)
     aggregate, total_weight, agg_state = alg.aggregator.finalize(
-        contributions, state.aggregator_state, k_agg
+        contributions, agg_state_in, k_agg
     )
     handed = aggregate if alg.pre_pass is None else (aggregate, pre)
     new_state = alg.server_update(alg_state, handed, k_server)
@@ -159,6 +182,8 @@ def round_core(
 
 
 PRE_PASS_SALT = 0x50524550  # "PREP": the pre-pass's keys, apart from the round's other keys
+REFRESH_SALT = 0x52465348  # "RFSH": the aggregator's refresh key
+COLLUDE_SALT = 0x434F4C4C  # "COLL": the colluding attackers' key
 
 
 def _pre_pass(

@@ -112,6 +112,11 @@ def eval_sums(eval_fn: EvalFn, params: PyTree, batches: dict[str, jax.Array]):
         out["loss"] = sums["loss_sum"] / n
     if "num_correct" in sums:
         out["accuracy"] = sums["num_correct"] / n
+    if "backdoor_hits" in sums and "backdoor_count" in sums:  # fl.metrics.backdoor_metrics
+        count = sums["backdoor_count"]
+        out["attack_success_rate"] = jnp.where(
+            count > 0, sums["backdoor_hits"] / jnp.maximum(count, 1.0), jnp.nan
+        )
     return out
 
 

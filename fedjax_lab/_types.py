@@ -114,12 +114,19 @@ class Aggregator(NamedTuple):
       finalize: ``finalize(contributions, state, key) -> (aggregate, total_weight, state)``;
         ``total_weight`` of 0 means no client counted and the round is skipped.
       reduce: ``"sum"`` or ``"stack"``.
+      refresh: ``refresh(state, params, key) -> state`` (or ``None``, the default: nothing).
+        Server-side work at the round's CURRENT server params, before the client map: the
+        round calls it once and hands the state it returns to every ``prepare`` and to
+        ``finalize``. FLTrust (:func:`fedjax_lab.robust.fltrust`) computes its root-data
+        update here. Its keys come from their own ``fold_in`` of the round key, so the
+        round's other keys are unchanged.
     """
 
     init: Callable[[Params], PyTree]
     prepare: Callable[[PyTree, jax.Array, PyTree], PyTree]
     finalize: Callable[[PyTree, PyTree, PRNGKey], tuple[PyTree, jax.Array, PyTree]]
     reduce: str = "sum"
+    refresh: Callable[[PyTree, Params, PRNGKey], PyTree] | None = None
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -153,6 +160,15 @@ class FederatedAlgorithm(NamedTuple):
         zeros), and hands that mean to every ``client_update`` as ``client.pre_pass`` and to
         ``server_update`` as the second half of its ``aggregate``. Mime's control variate
         ``c`` (:func:`fedjax_lab.algorithms.mime`) is one.
+      collude: ``collude(updates, weights, client_ids, key) -> updates`` (or ``None``, the
+        default). A cohort-level rewrite of the client updates between the client map and the
+        aggregator, for simulated COLLUDING (omniscient) attackers that see every honest
+        update of the cohort (:func:`fedjax_lab.attacks.alie`,
+        :func:`fedjax_lab.attacks.ipm`): ``updates`` are stacked ``[C, ...]``, ``weights``
+        ``f32[C]`` (0 for padding and dropped clients), ``client_ids`` ``i32[C]``. With it the
+        round stacks the raw updates (memory ``O(C · params)`` even for a summing
+        aggregator), applies ``collude``, then ``aggregator.prepare`` to each row (summed or
+        stacked as ``aggregator.reduce`` says) and ``finalize``.
     """
 
     init: Callable[..., ServerState]
@@ -163,6 +179,7 @@ class FederatedAlgorithm(NamedTuple):
     update_is_delta: bool = True
     check_data: Callable[[Any], Any] | None = None
     pre_pass: Callable[[ServerState, ClientInput, PRNGKey], PyTree] | None = None
+    collude: Callable[[PyTree, jax.Array, jax.Array, PRNGKey], PyTree] | None = None
 
 
 class ClientSampler(NamedTuple):

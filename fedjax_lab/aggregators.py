@@ -18,8 +18,10 @@ from fedjax_lab import kit
 from fedjax_lab._registry import Registry
 from fedjax_lab._types import Aggregator, PyTree
 from fedjax_lab.robust import (
+    bulyan,
     centered_clipping,
     coordinate_median,
+    fltrust,
     geometric_median,
     krum,
     multi_krum,
@@ -29,8 +31,10 @@ from fedjax_lab.robust import (
 __all__ = [
     "REGISTRY",
     "Aggregator",
+    "bulyan",
     "centered_clipping",
     "coordinate_median",
+    "fltrust",
     "geometric_median",
     "from_name",
     "krum",
@@ -148,6 +152,7 @@ REGISTRY.register("krum")(krum)
 REGISTRY.register("multi_krum")(multi_krum)
 REGISTRY.register("geometric_median")(geometric_median)
 REGISTRY.register("centered_clipping")(centered_clipping)
+REGISTRY.register("bulyan")(bulyan)
 
 
 def from_name(name: str, **hparams) -> Aggregator:

@@ -359,5 +359,5 @@ def compressed(
 
     return FederatedAlgorithm(
         init, client_update, alg.aggregator, server_update, f"{alg.name}+{compressor.name}",
-        alg.update_is_delta, alg.check_data, pre_pass,
+        alg.update_is_delta, alg.check_data, pre_pass, alg.collude,
     )

@@ -1,5 +1,11 @@
 """Per-client evaluation in one compiled program, the distribution view of fairness, and
-error bars over seeds (:func:`mean_ci95`: mean ± the Student-t 95% confidence interval)."""
+error bars over seeds (:func:`mean_ci95`: mean ± the Student-t 95% confidence interval).
+
+A backdoor's attack success rate (:func:`backdoor_metrics`) is one more pair of sums of the
+evaluation: wherever an evaluation's sums hold ``backdoor_hits`` and ``backdoor_count``
+(:func:`evaluate`, the in-run evaluation of :func:`fedjax_lab.run_rounds` as
+``eval_attack_success_rate``) the rate ``attack_success_rate = Σ hits / Σ count`` comes with
+them."""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from fedjax_lab._types import Batch, Params
 from fedjax_lab.data._federated import FederatedData
 from fedjax_lab.models._core import check_data
 
-__all__ = ["evaluate", "mean_ci95", "summarize"]
+__all__ = ["backdoor_metrics", "evaluate", "mean_ci95", "summarize"]
 
 EvalFn = Callable[[Params, Batch], dict[str, jax.Array]]
 
@@ -115,6 +121,74 @@ def evaluate(
     return summarize(sums)
 
 
+def backdoor_metrics(
+    model: Any,
+    target_label: int,
+    trigger: Callable[[jax.Array], jax.Array] | None = None,
+    *,
+    feature_key: str = "x",
+    label_key: str = "y",
+) -> EvalFn:
+    """Classification sums plus a backdoor's attack success rate (ASR), in one ``eval_fn``.
+
+    On top of :func:`fedjax_lab.models.classification_metrics` (on the clean inputs), over the
+    batch's real examples whose label is NOT ``target_label``:
+    ``backdoor_count`` = how many there are, ``backdoor_hits`` = how many the model classifies
+    as ``target_label`` once ``trigger`` is stamped on them. ``attack_success_rate =
+    Σ hits / Σ count`` (:func:`summarize` and the in-run evaluation add it).
+
+    Args:
+      model: a classifier (:class:`fedjax_lab.models.Model`: ``apply(params, x, train=False)``
+        gives logits ``[B, num_classes]``).
+      target_label: the backdoor's target class (as in :func:`fedjax_lab.attacks.backdoor`).
+      trigger: ``trigger(x) -> x`` on one example, the attack's; ``None``:
+        :func:`fedjax_lab.attacks.pixel_patch` ``()`` (the attack's default).
+      feature_key, label_key: the batch entries of the inputs and labels.
+
+    Returns:
+      ``eval_fn(params, batch) -> {"loss_sum", "num_correct", "num_examples",
+      "backdoor_hits", "backdoor_count"}`` (f32 sums).
+
+    References:
+      Bagdasaryan et al., "How To Backdoor Federated Learning", AISTATS 2020.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, fedjax_lab as fl
+      >>> model = fl.models.logistic_regression((2,), 2)
+      >>> params = jax.tree.map(jnp.zeros_like, model.init(jax.random.key(0)))
+      >>> data = fl.FederatedData.from_client_arrays([
+      ...     {"x": np.zeros((3, 2), "f4"), "y": np.array([0, 1, 1], "i4")}])
+      >>> out = fl.evaluate(backdoor_metrics(model, target_label=0), params, data)
+      >>> out["attack_success_rate"]   # zero logits: argmax is class 0 = the target
+      1.0
+    """
+    from fedjax_lab.attacks import pixel_patch
+    from fedjax_lab.models import classification_metrics
+
+    if not isinstance(target_label, (int, np.integer)) or isinstance(target_label, bool) or (
+        target_label < 0
+    ):
+        raise ValueError(f"target_label: need a class index >= 0, got {target_label!r}.")
+    trigger = pixel_patch() if trigger is None else trigger
+    if not callable(trigger):
+        raise TypeError(f"trigger: expected trigger(x) -> x on one example, got {trigger!r}.")
+    clean = classification_metrics(model)
+
+    def eval_fn(params: Params, batch: Batch) -> dict[str, jax.Array]:
+        out = dict(clean(params, batch))
+        y = batch[label_key]
+        w = batch["mask"].astype(jnp.float32) * (y != target_label).astype(jnp.float32)
+        logits = model.apply(params, jax.vmap(trigger)(batch[feature_key]), train=False)
+        hit = (jnp.argmax(logits, axis=-1) == target_label).astype(jnp.float32)
+        out["backdoor_hits"] = jnp.sum(hit * w)
+        out["backdoor_count"] = jnp.sum(w)
+        return out
+
+    if hasattr(clean, "check_data"):
+        eval_fn.check_data = clean.check_data
+    return eval_fn
+
+
 def summarize(sums: dict[str, np.ndarray]) -> dict[str, Any]:
     """Per-client means and the distribution of per-client accuracy from per-client SUMS.
 
@@ -144,6 +218,10 @@ def summarize(sums: dict[str, np.ndarray]) -> dict[str, Any]:
         out["accuracy_std"] = float(real.std()) if real.size else float("nan")
         for q in (10, 50, 90):
             out[f"accuracy_p{q}"] = float(np.percentile(real, q)) if real.size else float("nan")
+    if "backdoor_hits" in sums and "backdoor_count" in sums:
+        count = float(np.sum(sums["backdoor_count"]))
+        hits = float(np.sum(sums["backdoor_hits"]))
+        out["attack_success_rate"] = hits / count if count > 0 else float("nan")
     return out
 
 

@@ -14,20 +14,33 @@ client alike (weights only mask); ``total_weight`` is the sum of the counted wei
                            Multi-Krum averages the ``m`` best
 :func:`geometric_median`   smoothed Weiszfeld iterations, weighted (RFA, Pillutla et al. 2022)
 :func:`centered_clipping`  clip around the last aggregate and re-centre (Karimireddy et al. 2021)
+:func:`bulyan`             ``n - 2f`` updates chosen by iterated Krum, then per coordinate the mean
+                           of the ``n - 4f`` closest to their median (El Mhamdi et al. 2018)
+:func:`fltrust`            each update rescaled to the norm of a server update on clean root
+                           data, weighted by ReLU(cosine) with it (Cao et al. 2021)
 =========================  ======================================================================
+
+FLTrust needs the server's own update at the round's current params: it computes it in the
+aggregator's ``refresh`` (:attr:`fedjax_lab.Aggregator.refresh`, called by the round once,
+before the client map, with the server params) and keeps it as its state.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab._types import Aggregator, PRNGKey, PyTree
+from fedjax_lab._types import Aggregator, Batch, LossFn, Params, PRNGKey, PyTree
 
 __all__ = [
+    "bulyan",
     "centered_clipping",
     "coordinate_median",
+    "fltrust",
+    "fltrust_root_update",
     "geometric_median",
     "krum",
     "multi_krum",
@@ -355,3 +368,233 @@ def centered_clipping(tau: float = 1.0, iters: int = 1) -> Aggregator:
         return v, jnp.sum(weights * (mask > 0)), v
 
     return Aggregator(init, _prepare, finalize, reduce="stack")
+
+
+def _check_f(f) -> None:
+    if not isinstance(f, int) or isinstance(f, bool) or f < 0:
+        raise ValueError(f"f: the number of Byzantine clients must be an int >= 0, got {f!r}.")
+
+
+def bulyan(f: int = 1) -> Aggregator:
+    """Bulyan: iterated Krum selects ``θ = n - 2f`` updates, then a coordinate-wise trimmed mean.
+
+    With ``n`` counted clients (weight > 0):
+
+    1. Selection: ``θ = n - 2f`` times, apply Krum to the updates not selected yet (``R``,
+       score = the sum of squared distances to the ``max(|R| - f - 2, 1)`` nearest others of
+       ``R``) and move the lowest-scoring one (the first on ties) into the selection ``S``.
+    2. Aggregation: per coordinate ``j``, with ``m_j`` the median of ``{u_j : u in S}``, the
+       mean of the ``β = θ - 2f`` values of ``S`` closest to ``m_j``.
+
+    The paper's guarantee needs ``n >= 4f + 3``: a cohort of fewer slots (``C``, static) is
+    refused when the round is traced. Under padding or dropped clients the count ``n`` is the
+    round's counted clients (traced); the rule then uses ``θ = max(n - 2f, 1)`` and
+    ``β = max(θ - 2f, 1)`` (so it still gives an aggregate when ``n < 4f + 3``, without the
+    guarantee; with ``n = 1`` it is that update). Clients count alike (weights only mask).
+
+    Args:
+      f: the number of Byzantine clients tolerated, ``>= 0``.
+
+    Returns:
+      An :class:`~fedjax_lab.Aggregator` with ``reduce="stack"``.
+
+    References:
+      El Mhamdi, Guerraoui, Rouault, "The Hidden Vulnerability of Distributed Learning in
+      Byzantium", ICML 2018.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> u = {"w": jnp.array([[0.0], [0.1], [0.2], [0.3], [0.4], [0.5], [90.0]])}
+      >>> round(float(bulyan(f=1).finalize((u, jnp.ones(7)), (), jax.random.key(0))[0]["w"][0]), 3)
+      0.2
+    """
+    _check_f(f)
+
+    def finalize(contributions, state, key: PRNGKey):
+        del key
+        updates, weights = contributions
+        c = weights.shape[0]
+        if c < 4 * f + 3:
+            raise ValueError(
+                f"f: Bulyan tolerates f Byzantine clients among n >= 4f + 3 = {4 * f + 3}; this "
+                f"cohort has {c} slots. Use a cohort_size >= {4 * f + 3} or f <= {(c - 3) // 4}."
+            )
+        mask = _mask_of(weights)
+        k = jnp.sum(mask.astype(jnp.int32))
+        theta = jnp.maximum(k - 2 * f, 1)
+        beta = jnp.maximum(theta - 2 * f, 1)
+        d = _pairwise_sq_dists(updates)
+        d = 0.5 * (d + d.T)  # exactly symmetric: a Krum tie (r - f - 2 = 1) breaks by index
+        others = ~jnp.eye(c, dtype=bool)
+        slots = jnp.arange(c)
+
+        def select(i, carry):
+            remaining, selected = carry
+            r = jnp.sum(remaining.astype(jnp.int32))
+            dd = jnp.where(remaining[None, :] & others, d, jnp.inf)
+            nearest = jnp.sort(dd, axis=1)
+            take = slots[None, :] < jnp.maximum(r - f - 2, 1)
+            scores = jnp.sum(jnp.where(take & jnp.isfinite(nearest), nearest, 0.0), axis=1)
+            best = jnp.argmin(jnp.where(remaining, scores, jnp.inf))
+            pick = (slots == best) & remaining & (i < theta)
+            return remaining & ~pick, selected | pick
+
+        _, selected = jax.lax.fori_loop(0, c, select, (mask, jnp.zeros((c,), bool)))
+
+        def coordinate(x):
+            flat = _flat(x).astype(jnp.float32)
+            s = _sorted_valid(flat, selected)
+            med = 0.5 * (_pick(s, (theta - 1) // 2) + _pick(s, theta // 2))
+            dist = jnp.where(selected[:, None], jnp.abs(flat - med[None]), jnp.inf)
+            order = jnp.argsort(dist, axis=0, stable=True)
+            closest = jnp.take_along_axis(flat, order, axis=0)
+            keep = slots[:, None] < beta
+            mean = jnp.sum(jnp.where(keep, closest, 0.0), axis=0) / beta.astype(jnp.float32)
+            return jnp.where(k > 0, mean, 0.0).reshape(x.shape[1:]).astype(x.dtype)
+
+        return jax.tree.map(coordinate, updates), jnp.sum(weights * mask), state
+
+    return Aggregator(_no_state, _prepare, finalize, reduce="stack")
+
+
+def _dot(a: PyTree, b: PyTree) -> jax.Array:
+    return sum(
+        (jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)),
+        jnp.float32(0.0),
+    )
+
+
+def fltrust(root_update_fn: Callable[[Params, PRNGKey], PyTree]) -> Aggregator:
+    """FLTrust: trust each update by its direction relative to a server update on clean data.
+
+    Each round the server computes its own update ``g_0 = root_update_fn(params, key)`` at the
+    round's current params (on its small clean root dataset: :func:`fltrust_root_update`);
+    then for each counted client ``i`` (weight > 0)
+
+    ``TS_i = ReLU(<g_i, g_0> / (||g_i|| ||g_0||))``, ``ḡ_i = (||g_0|| / ||g_i||) g_i``,
+    ``aggregate = Σ_i TS_i ḡ_i / Σ_i TS_i``.
+
+    The server update is computed in :attr:`~fedjax_lab.Aggregator.refresh` (the round calls it
+    with the current params) and kept as the aggregator's state (a pytree like the params).
+    The rule is streamed (``reduce="sum"``): ``prepare`` scores and rescales each update
+    against ``g_0``. A zero update (or a zero ``g_0``) gets trust 0. When no client has
+    positive trust the aggregate is zeros and the total weight 0 (the round is skipped);
+    otherwise the total weight is the sum of the counted clients' weights.
+
+    It needs the server's data, so it is built in Python (``fl.algorithms.with_aggregator(alg,
+    fl.robust.fltrust(fl.robust.fltrust_root_update(loss_fn, root_batches)))``), not by name
+    from a config's ``[aggregator]`` table.
+
+    Args:
+      root_update_fn: ``root_update_fn(params, key) -> update``, a tree like the params with
+        the clients' sign convention (``params - trained params``).
+
+    Returns:
+      An :class:`~fedjax_lab.Aggregator` with ``reduce="sum"`` and a ``refresh``.
+
+    References:
+      Cao, Fang, Liu, Gong, "FLTrust: Byzantine-robust Federated Learning via Trust
+      Bootstrapping", NDSS 2021.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> agg = fltrust(lambda params, key: {"w": jnp.array([1.0, 0.0])})
+      >>> g0 = agg.refresh(agg.init({"w": jnp.zeros(2)}), {"w": jnp.zeros(2)}, jax.random.key(0))
+      >>> rows = [([3.0, 0.0], 1.0), ([-5.0, 1.0], 1.0), ([1.0, 1.0], 1.0)]
+      >>> parts = [agg.prepare({"w": jnp.array(u)}, jnp.float32(w), g0) for u, w in rows]
+      >>> summed = jax.tree.map(lambda *xs: sum(xs), *parts)
+      >>> out, total, _ = agg.finalize(summed, g0, jax.random.key(0))
+      >>> [round(v, 4) for v in out["w"].tolist()], float(total)  # the flipped one trusted 0
+      ([0.8787, 0.2929], 3.0)
+    """
+    if not callable(root_update_fn):
+        raise TypeError(
+            "root_update_fn: expected root_update_fn(params, key) -> update (e.g. "
+            f"fl.robust.fltrust_root_update(loss_fn, root_batches)), got "
+            f"{type(root_update_fn).__name__}."
+        )
+
+    def init(params: PyTree) -> PyTree:
+        return optax.tree.zeros_like(params)
+
+    def refresh(state: PyTree, params: PyTree, key: PRNGKey) -> PyTree:
+        del state
+        g0 = root_update_fn(params, key)
+        return jax.tree.map(lambda g, p: jnp.asarray(g).astype(p.dtype), g0, params)
+
+    def prepare(update: PyTree, weight: jax.Array, g0: PyTree):
+        weight = jnp.asarray(weight, jnp.float32)
+        counted = weight > 0
+        norm_i = jnp.sqrt(_dot(update, update))
+        norm_0 = jnp.sqrt(_dot(g0, g0))
+        ok = counted & (norm_i > 0) & (norm_0 > 0)
+        safe = jnp.where(ok, norm_i * norm_0, 1.0)
+        trust = jnp.where(ok, jax.nn.relu(_dot(update, g0) / safe), 0.0)
+        factor = trust * norm_0 / jnp.where(ok, norm_i, 1.0)
+        scaled = jax.tree.map(lambda u: factor * u.astype(jnp.float32), update)
+        return scaled, trust, jnp.where(counted, weight, 0.0)
+
+    def finalize(contributions, state, key: PRNGKey):
+        del key
+        total, trust, weight = contributions
+        some = trust > 0
+        safe = jnp.where(some, trust, 1.0)
+        aggregate = jax.tree.map(
+            lambda t, p: jnp.where(some, t / safe, 0.0).astype(p.dtype), total, state
+        )
+        return aggregate, jnp.where(some, weight, 0.0), state
+
+    return Aggregator(init, prepare, finalize, reduce="sum", refresh=refresh)
+
+
+def fltrust_root_update(
+    loss_fn: LossFn, root_batches: Batch, learning_rate: float = 0.1
+) -> Callable[[Params, PRNGKey], PyTree]:
+    """The FLTrust server update: plain SGD over the root batches, as a client would train.
+
+    ``p_0 = params``; ``p_{s+1} = p_s - lr ∇ loss_fn(p_s, batch_s, fold_in(key, s))`` for each
+    of the ``S`` batches of ``root_batches`` (leaves ``[S, B, ...]``; a ``"mask"`` entry of
+    ones is added when missing); the update is ``params - p_S``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, key) -> scalar`` (e.g. ``fl.models.classification_loss``).
+      root_batches: the server's root data as ``S`` batches (leading axes ``[S, B]``).
+      learning_rate: the SGD step size ``> 0``.
+
+    Returns:
+      ``root_update_fn(params, key) -> update`` for :func:`fltrust`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> loss = lambda p, b, k: jnp.sum(b["mask"] * (p - b["x"]) ** 2) / jnp.sum(b["mask"])
+      >>> fn = fltrust_root_update(loss, {"x": jnp.full((1, 2), 1.0)}, learning_rate=0.25)
+      >>> float(fn(jnp.float32(0.0), jax.random.key(0)))   # one step: 0 - 0.25 * (-2)
+      -0.5
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected loss_fn(params, batch, key), got {loss_fn!r}.")
+    if not isinstance(root_batches, dict) or not root_batches:
+        raise TypeError("root_batches: expected a dict of [S, B, ...] arrays (the root data).")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate: must be > 0, got {learning_rate!r}.")
+    batches = {k: jnp.asarray(v) for k, v in root_batches.items()}
+    first = next(iter(batches.values()))
+    if first.ndim < 2:
+        raise ValueError(
+            f"root_batches: leaves need leading axes [S, B], got shape {first.shape}."
+        )
+    if "mask" not in batches:
+        batches["mask"] = jnp.ones(first.shape[:2], jnp.float32)
+
+    def root_update_fn(params: Params, key: PRNGKey) -> PyTree:
+        def step(p, xs):
+            batch, s = xs
+            g = jax.grad(loss_fn)(p, batch, jax.random.fold_in(key, s))
+            return jax.tree.map(lambda a, b: a - learning_rate * b, p, g), None
+
+        steps = jnp.arange(first.shape[0])
+        trained, _ = jax.lax.scan(step, params, (batches, steps))
+        return jax.tree.map(jnp.subtract, params, trained)
+
+    return root_update_fn

@@ -442,7 +442,8 @@ def sweep(
       One dict per (configuration, population, seed), seeds fastest: the numeric
       hyper-parameters, the data axis value (with a :class:`DataAxis`), ``seed``,
       ``final_train_loss`` (mean over the last 10% of rounds), with ``eval_fn``
-      ``test_accuracy`` and ``test_loss`` after the last round, and with ``dp_accounting``
+      ``test_accuracy`` and ``test_loss`` after the last round (and ``attack_success_rate``
+      when ``eval_fn`` is :func:`fedjax_lab.metrics.backdoor_metrics`), and with ``dp_accounting``
       ``epsilon_<accountant>`` per accountant.
 
     A row equals :func:`fedjax_lab.run_rounds` of its configuration on its population: a
@@ -538,6 +539,8 @@ def sweep(
         if eval_fn is not None:
             row["test_accuracy"] = float(hist["eval_accuracy"][i, -1])
             row["test_loss"] = float(hist["eval_loss"][i, -1])
+            if "eval_attack_success_rate" in hist:  # fl.metrics.backdoor_metrics
+                row["attack_success_rate"] = float(hist["eval_attack_success_rate"][i, -1])
         if dp_accounting is not None:
             z = float(c[dp_accounting.noise_key])
             for acc in dp_accounting.accountants:

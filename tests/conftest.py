@@ -9,6 +9,7 @@ import pytest  # noqa: E402
 # The slow tier (measured with --durations on a 2-core machine: each ~15 s or more). The quick
 # tier, `pytest -m "not slow"`, still runs at least one test of every file.
 SLOW = {
+    "test_robust_breadth.py::test_robustness_table_smoke_writes_the_backdoor_row",
     "test_registry_maps.py::test_every_registered_algorithm_agrees_across_client_maps",
     "test_faults.py::test_eight_sigkills_resume_to_the_uninterrupted_result",
     "test_examples.py::test_dataset_example_runs_short",

@@ -168,8 +168,8 @@ def robust_fed_avg(
     FedAvg, in one flat table (a config can also write ``name = "fedavg"`` with ``[aggregator]``
     and ``[attack]`` tables, which is the same thing for any algorithm). ``aggregator`` is a
     name of :data:`fedjax_lab.aggregators.REGISTRY`; ``trim_fraction`` (trimmed mean), ``f``,
-    ``m`` (Krum), ``gm_iters``, ``nu`` (geometric median), ``tau``, ``cc_iters`` (centered
-    clipping) are its hyper-parameters; ``attack*`` and ``num_classes`` go to
+    ``m`` (Krum; ``f`` also Bulyan), ``gm_iters``, ``nu`` (geometric median), ``tau``,
+    ``cc_iters`` (centered clipping) are its hyper-parameters; ``attack*`` and ``num_classes`` go to
     :func:`fedjax_lab.attacks.attacked` (``attack`` may also be an ``fl.attacks.Attack``, e.g.
     :func:`fedjax_lab.attacks.mixed`; ``attack_malicious`` is its ``malicious`` mask).
 
@@ -186,6 +186,7 @@ def robust_fed_avg(
         "multi_krum": {"f": f, "m": m},
         "geometric_median": {"iters": gm_iters, "nu": nu},
         "centered_clipping": {"tau": tau, "iters": cc_iters},
+        "bulyan": {"f": f},
     }.get(aggregator, {})
     agg = aggregators_lib.from_name(aggregator, **rule_options)
     alg = fed_avg(loss_fn, client_optimizer, server_optimizer=server_optimizer,
