@@ -252,7 +252,7 @@ class Utility:
         self.num_evaluations = 0
 
     def __call__(self, masks: Any) -> np.ndarray:
-        masks = check_masks(masks, self.num_clients)
+        masks = _check_masks(masks, self.num_clients)
         m = masks.shape[0]
         pad = (-m) % self.chunk_size
         padded = np.concatenate([masks, np.zeros((pad, self.num_clients), np.float32)])
@@ -265,7 +265,7 @@ class Utility:
         return f"Utility(num_clients={self.num_clients}, chunk_size={self.chunk_size})"
 
 
-def check_masks(masks: Any, num_clients: int) -> np.ndarray:
+def _check_masks(masks: Any, num_clients: int) -> np.ndarray:
     """``masks`` as ``f32[M, num_clients]`` of zeros and ones, or a clear ``ValueError``."""
     arr = np.asarray(masks)
     if arr.ndim != 2 or arr.shape[1] != num_clients:
@@ -508,6 +508,16 @@ def exact_shapley(utility_fn: UtilityFn, num_clients: int) -> Valuation:
     return Valuation(values, np.zeros(n), count, float(u[-1]), float(u[0]), "exact_shapley")
 
 
+_ORDERING_BLOCK = 256
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _orderings(key: PRNGKey, start: jax.Array, n: int) -> jax.Array:
+    """Orderings ``start .. start + 255``; ordering ``q`` is ``permutation(fold_in(key, q))``."""
+    q = start + jnp.arange(_ORDERING_BLOCK, dtype=jnp.int32)
+    return jax.vmap(lambda i: jax.random.permutation(jax.random.fold_in(key, i), n))(q)
+
+
 def monte_carlo_shapley(
     utility_fn: UtilityFn,
     num_clients: int,
@@ -516,7 +526,8 @@ def monte_carlo_shapley(
 ) -> Valuation:
     """Shapley values estimated from ``num_permutations`` random orderings of the clients.
 
-    Each ordering ``π`` (a ``jax.random.permutation`` row) gives ``N + 1`` prefix coalitions
+    Ordering ``q`` is ``jax.random.permutation(fold_in(key, q), N)`` (so a larger ``P`` with
+    the same key extends the same sample); each ordering ``π`` gives ``N + 1`` prefix coalitions
     ``∅, {π_1}, {π_1, π_2}, ..., all``; client ``π_k``'s marginal is
     ``U(π_1..π_k) - U(π_1..π_{k-1})``. The value is the mean of a client's ``P`` marginals
     and ``stderr`` its standard error ``std / sqrt(P)`` (NaN for ``P = 1``). The empty and full
@@ -546,9 +557,8 @@ def monte_carlo_shapley(
             f"num_permutations: expected a whole number >= 1, got {num_permutations!r}."
         )
     p = kit.check_count("num_permutations", num_permutations)
-    perms = np.asarray(jax.random.permutation(
-        key, jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (p, n)), axis=1, independent=True
-    ))
+    perms = np.concatenate([np.asarray(_orderings(key, jnp.int32(start), n))
+                            for start in range(0, p, _ORDERING_BLOCK)])[:p]
     rank = np.argsort(perms, axis=1)  # rank[q, i]: position of client i in ordering q
     sizes = np.arange(1, n)  # the interior prefixes; the empty and full ones are shared
     interior = (rank[:, None, :] < sizes[None, :, None]).reshape(-1, n)

@@ -48,6 +48,7 @@ SLOW = {
     "test_sweep_axes.py::test_malicious_fraction_axis_and_mixed_attack_rows_equal_named_attacks",
     "test_sweep_axes.py::test_noise_axis_rows_equal_single_runs_and_report_epsilon",
     "test_mime_exact.py::test_every_client_map_gives_the_same_mime",
+    "test_valuation.py::test_shapley_100_experiment_smoke",
 }
 
 

@@ -7,6 +7,10 @@ MSE after a few FedAvg rounds.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +19,7 @@ import pytest
 import fedjax_lab as fl
 from fedjax_lab import valuation
 
+ROOT = Path(__file__).resolve().parents[1]
 N, DIM, ROUNDS, BATCH, PLANTED = 5, 3, 3, 4, 4
 
 
@@ -189,3 +194,21 @@ def test_bad_arguments_raise_before_compiling(problem):
         _utility(data, lambda p: p)
     with pytest.raises(TypeError, match="base"):
         valuation.coalition("uniform")
+
+
+def test_shapley_100_experiment_smoke(tmp_path):
+    out = tmp_path / "shapley.json"
+    path = ROOT / "experiments" / "valuation" / "shapley_100.py"
+    spec = importlib.util.spec_from_file_location("shapley_100", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--smoke", "--out", str(out)])
+    got = json.loads(out.read_text())
+    n = got["setup"]["num_clients"]
+    for method in ("leave_one_out", "monte_carlo_shapley"):
+        row = got[method]
+        assert 1 <= row["planted_rank_from_lowest"] <= n and row["num_evaluations"] >= 1
+        assert len(got["values"][method]) == n
+    mc = got["monte_carlo_shapley"]
+    assert mc["sum_of_values"] == pytest.approx(mc["utility_all"] - mc["utility_empty"], abs=1e-9)
+    assert got["leave_one_out"]["num_evaluations"] == n + 2
