@@ -53,6 +53,7 @@ SLOW = {
     "device_data",
     "test_streaming_multiprocess.py::test_cli_two_processes_with_host_data_equal_one_process_"
     "with_device_data",
+    "test_valuation.py::test_shapley_100_experiment_smoke",
 }
 
 
