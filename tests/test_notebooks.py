@@ -18,7 +18,8 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_quickstart", "02_custom_algorithm", "03_sweeps", "04_stateful_algorithm"]
+NAMES = ["01_quickstart", "02_custom_algorithm", "03_sweeps", "04_stateful_algorithm",
+         "05_compiled_simulator"]
 CELL_TIMEOUT_S = 300
 
 NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
@@ -132,8 +133,28 @@ def _check_04(nb, text: str) -> None:
     assert len(cell.splitlines()) <= 40  # a stateful algorithm in one short cell
 
 
+def _check_05(nb, text: str) -> None:
+    mean, half = re.findall(
+        r"final test accuracy " + NUMBER + " ± " + NUMBER + r" \(95% CI over 4 seeds\)", text)[0]
+    assert 0.0 <= float(mean) <= 1.0 and 0.0 < float(half) < 1.0, text
+    assert "equal per-client rates == the scalar run, bit for bit: True" in text, text
+    grad, fd = re.findall(r"autodiff " + NUMBER + r", finite differences " + NUMBER, text)[0]
+    assert abs(float(grad) - float(fd)) <= 0.05 * abs(float(fd)) + 1e-6, (grad, fd)
+    (tuned,) = _numbers(r"gradient descent: server_lr {N}", text)
+    assert tuned > 0
+    alphas = re.findall(r"^\s*(0\.05|100)\s+" + NUMBER + r"\s*$", text, re.M)
+    assert [a for a, _ in alphas] == ["0.05", "100"], text
+    assert all(0.0 <= float(acc) <= 1.0 for _, acc in alphas)
+    ranks = re.findall(r"planted client [-+.\d]+, rank (\d+) of 20", text)
+    assert len(ranks) == 2 and all(1 <= int(r) <= 20 for r in ranks), text
+    (gap,) = _numbers(r"sum of Shapley values - \(U\(all\) - U\(empty\)\) = {N}", text)
+    assert abs(gap) < 1e-9  # the permutation estimator is exactly efficient
+    assert _num_images(nb) >= 1  # the error-band plot
+
+
 CHECKS = {"01_quickstart": _check_01, "02_custom_algorithm": _check_02, "03_sweeps": _check_03,
-          "04_stateful_algorithm": _check_04}
+          "04_stateful_algorithm": _check_04,
+          "05_compiled_simulator": _check_05}
 
 
 @pytest.mark.parametrize("name", NAMES)
