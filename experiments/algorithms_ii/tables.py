@@ -38,7 +38,9 @@ Usage::
   python experiments/algorithms_ii/tables.py [--smoke] [--runner loop|axes|both] \\
       [--only heterogeneity|attacks|dp|compression] --out experiments/algorithms_ii/results.json
 
-``--smoke`` runs a few rounds of a reduced grid (a test of the script, not a result).
+``--smoke`` runs a few rounds of a reduced grid (a test of the script, not a result);
+``--aggregators mean,median,krum`` runs table (a) for those aggregators only and writes it as
+``attacks_subset`` (next to a full ``attacks``).
 """
 
 from __future__ import annotations
