@@ -42,6 +42,7 @@ SLOW = {
     "test_streaming.py::test_streamed_runs_on_four_host_devices_equal_device_data",
     "test_streaming.py::test_scaffold_with_a_markov_sampler_streamed_equals_device_data",
     "test_benchmarks.py::test_scale_streaming_rows_report_device_bytes_and_overlap",
+    "test_benchmarks.py::test_seeds_benchmark_smoke_reports_ratios_and_identity",
     "test_sampling_search.py::test_benchmark_smoke_writes_the_shares",
     "test_per_client.py::test_per_client_lambda_travels_with_its_client_under_every_client_map",
     "test_per_client.py::test_a_sweep_over_a_per_client_rate_equals_single_runs",

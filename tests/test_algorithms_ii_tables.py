@@ -151,3 +151,29 @@ def test_traced_scale_attack_is_sign_flip_and_no_attack(tables):
         np.testing.assert_array_equal(as_none[i], honest[i])
         np.testing.assert_array_equal(flipped[i], -honest[i] if bad[i] else honest[i])
     assert float(jnp.linalg.norm(honest[int(jnp.argmax(bad))])) > 0  # the flip changed something
+
+
+def test_loop_vs_axes_comparison_reports_ratio_and_differences(tables):
+    """``--runner both``'s bookkeeping: equal cells and settings, the ratio, the differences."""
+    settings = {"alphas": [0.1, 1.0]}
+
+    def table(wall, accs):
+        rows = [{"method": "fedavg", "alpha": a, "test_accuracy": float(np.mean(acc)),
+                 "per_seed": acc} for a, acc in zip(settings["alphas"], accs, strict=True)]
+        return {"settings": settings, "results": rows, "wall_time_s": wall, "cpu_time_s": wall}
+
+    loop = table(30.0, [[0.5, 0.6], [0.7, 0.8]])
+    axes = table(10.0, [[0.5, 0.6], [0.7, 0.75]])
+    c = tables.compare(loop, axes)
+    assert c["speedup"] == 3.0 and c["runs"] == 4 and c["identical_runs"] == 3
+    assert c["max_abs_accuracy_difference"] == pytest.approx(0.05)
+    assert c["loop_results"] == loop["results"]
+    total = tables.summarize({"heterogeneity": {**axes, "loop_vs_axes": c}, "dp": {}})
+    assert total["tables"] == ["heterogeneity"] and total["speedup"] == 3.0
+    assert tables.summarize({"dp": {}}) == {"tables": []}
+    other = table(10.0, [[0.5, 0.6], [0.7, 0.8]])
+    other["results"][1]["alpha"] = 100.0  # a different cell: not the same table
+    with pytest.raises(RuntimeError, match="differ beyond the accuracy"):
+        tables.compare(loop, other)
+    with pytest.raises(RuntimeError, match="different tables"):
+        tables.compare(loop, {**axes, "settings": {"alphas": [0.1]}})

@@ -119,3 +119,31 @@ def test_scale_streaming_rows_report_device_bytes_and_overlap():
     assert memmap["serial_equals_prefetch"] is True
     table = "\n".join(scale.stream_table(rows))
     assert "| device (one scan) |" in table and "| host, memory map |" in table
+
+
+def test_seeds_benchmark_smoke_reports_ratios_and_identity(tmp_path):
+    """experiments/benchmarks/seeds.py, tiny: every timing, both ratios, per-seed identity."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_seeds", ROOT / "experiments/benchmarks/seeds.py"
+    )
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    out = tmp_path / "seeds.json"
+    seeds.main(["--smoke", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["settings"]["smoke"] and result["settings"]["seeds"] == 4
+    for way in ("one_by_one", "one_program_vmap", "one_program_map"):
+        for field in ("including_compile_s", "steady_state_s"):
+            assert result["timing"][way][field] > 0, (way, field)
+    for way in ("one_program_vmap", "one_program_map"):
+        for field in ("including_compile_s", "steady_state_s"):
+            assert result["speedup"][way][field] == pytest.approx(
+                result["timing"]["one_by_one"][field] / result["timing"][way][field])
+        rows = result["identity"][way]["per_seed"]
+        assert [r["seed"] for r in rows] == [0, 1, 2, 3]
+        for r, want in zip(rows, result["params_sha256_one_by_one"], strict=True):
+            assert r["identical"] == (r["params_sha256"] == want)
+            assert r["identical"] == (r["max_abs_diff"] == 0.0)
+    # seed_map="map" runs each seed's own one-seed computation: bit for bit the same.
+    assert result["identity"]["one_program_map"]["identical_seeds"] == 4
+    assert len(set(result["params_sha256_one_by_one"])) == 4  # the seeds really differ

@@ -1,8 +1,10 @@
-"""Algorithms II tables: robustness under attack, DP accuracy vs epsilon, accuracy vs bits.
+"""Algorithms II tables: heterogeneity, robustness under attack, DP accuracy vs epsilon, bits.
 
-One command measures three tables on scikit-learn's digits (offline) and writes every number
+One command measures four tables on scikit-learn's digits (offline) and writes every number
 and setting to JSON:
 
+  (h) heterogeneity: final test accuracy of FedAvg, FedProx, FedAdam and SCAFFOLD on Dirichlet
+                   label-skew splits of the same examples, one column per ``alpha``;
   (a) attacks:     final test accuracy of each robust aggregator (``robust_fedavg``) under each
                    attack of ``fl.attacks`` at 10% and 30% malicious clients;
   (b) dp:          DP-FedAvg accuracy against the (epsilon, delta) of ``fl.privacy`` accounting,
@@ -10,18 +12,35 @@ and setting to JSON:
   (c) compression: accuracy against the uplink bits of ``fl.compression`` (top-k, random-k,
                    QSGD), with and without error feedback (classic memory, EF21).
 
-Every run of a table uses the same data, model, rounds and seeds. Each configuration runs all
-its seeds as ONE compiled program with :func:`fedjax_lab.sweep`; in table (a) the no-attack,
-sign-flip and scaling attacks are one program too: they are the ``"scale"`` attack with a traced
-factor ``s`` (``s Δ`` sent by the malicious clients; ``s = 1`` is no attack, ``s = -1`` is
-exactly ``sign_flip``, ``s = 10`` is the default ``scale`` attack).
+Every run of a table uses the same data, model, rounds and seeds. Two runners compute the
+same tables (``--runner``):
+
+* ``loop`` (the per-cell script): one :func:`fedjax_lab.sweep` program per cell, its seeds
+  the program's rows: in (h) one per (method, ``alpha``); in (a) one per (aggregator,
+  fraction, attack kind), where no-attack, sign-flip and scaling are the ``"scale"`` attack
+  with a traced factor ``s`` (``s = 1`` is no attack, ``s = -1`` is exactly ``sign_flip``,
+  ``s = 10`` the default ``scale`` attack); in (b) one per (clipping, noise multiplier).
+* ``axes`` (the default): the sweep axes of :mod:`fedjax_lab.sweep` make each table a few
+  programs: in (h) one per method over ``alpha`` x seed (:func:`fedjax_lab.sweep.dirichlet_axis`:
+  the partitions stacked, every client padded to the largest); in (a) the malicious set is a
+  per-row mask (:func:`fedjax_lab.sweep.malicious_axis`) and the five attacks are the traced
+  coefficients of :func:`fedjax_lab.attacks.mixed`, so each aggregator is one program over
+  attack x fraction x seed (one per fraction for the rules whose shapes depend on it: trimmed
+  mean, Krum, Multi-Krum); in (b) the noise multiplier is traced (one program per clipping
+  mode) and each row's epsilon comes from the sweep's :class:`fedjax_lab.sweep.DPAccounting`.
+  Table (c) has no axis to trace (each compressor is its own program) and runs as in ``loop``.
+* ``both``: ``loop`` then ``axes`` for (h), (a) and (b), in one process; writes the ``axes``
+  tables with, per table, the wall-time ratio and the largest per-seed accuracy difference
+  between the two (``loop_vs_axes``).
 
 Usage::
 
-  python experiments/algorithms_ii/tables.py [--smoke] [--only attacks|dp|compression] \\
-      --out experiments/algorithms_ii/results.json
+  python experiments/algorithms_ii/tables.py [--smoke] [--runner loop|axes|both] \\
+      [--only heterogeneity|attacks|dp|compression] --out experiments/algorithms_ii/results.json
 
-``--smoke`` runs a few rounds of a reduced grid (a test of the script, not a result).
+``--smoke`` runs a few rounds of a reduced grid (a test of the script, not a result);
+``--aggregators mean,median,krum`` runs table (a) for those aggregators only and writes it as
+``attacks_subset`` (next to a full ``attacks``).
 """
 
 from __future__ import annotations
@@ -43,7 +62,8 @@ import optax
 
 import fedjax_lab as fl
 
-TABLES = ("attacks", "dp", "compression")
+TABLES = ("heterogeneity", "attacks", "dp", "compression")
+RUNNER_CHOICES = ("loop", "axes", "both")
 
 # Display names of the robust aggregators (``robust_fedavg``'s ``aggregator`` argument).
 AGGREGATORS = {
@@ -78,6 +98,19 @@ FULL: dict[str, Any] = {
     "client_learning_rate": 0.1,
     "batch_size": 10,
     "epochs": 1,
+    "heterogeneity": {
+        # digits pooled, 20% held out (the test set of every column), the rest split over
+        # num_clients by partition.dirichlet(alpha) for each alpha.
+        "data": {"name": "digits", "num_clients": 100, "test_fraction": 0.2},
+        "alphas": [0.1, 0.5, 1.0, 100.0],
+        "methods": ["fedavg", "fedprox", "fedadam", "scaffold"],
+        "fedprox_mu": 0.1,
+        "fedadam_server_learning_rate": 0.01,
+        "partition_seed": 0,
+        "min_size": 1,
+        "rounds": 100,
+        "cohort_size": 10,
+    },
     "attacks": {
         "data": {"name": "digits", "num_clients": 100, "partition": "dirichlet", "alpha": 1.0},
         "rounds": 150,
@@ -134,6 +167,14 @@ SMOKE: dict[str, Any] = {
     **FULL,
     "seeds": [0],
     "model": {"name": "mlp", "hidden": [16]},
+    "heterogeneity": {
+        **FULL["heterogeneity"],
+        "data": {"name": "digits", "num_clients": 20, "test_fraction": 0.2},
+        "alphas": [0.1, 100.0],
+        "methods": ["fedavg", "scaffold"],
+        "rounds": 3,
+        "cohort_size": 5,
+    },
     "attacks": {
         **FULL["attacks"],
         "data": {"name": "digits", "num_clients": 20, "partition": "iid"},
@@ -163,6 +204,26 @@ SMOKE: dict[str, Any] = {
 
 # ----------------------------------------------------------------------------- algorithm makers
 # Module-level functions, bound with functools.partial: fl.run_sweep caches its program on them.
+
+
+METHODS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam",
+           "scaffold": "SCAFFOLD"}
+
+
+def make_method(loss_fn: Callable, method: str, settings: tuple) -> fl.FederatedAlgorithm:
+    """Table (h)'s algorithms: client SGD, and the method's own server rule."""
+    s = dict(settings)
+    opt = optax.sgd(s["client_learning_rate"])
+    if method == "fedavg":
+        return fl.algorithms.fed_avg(loss_fn, client_optimizer=opt)
+    if method == "fedprox":
+        return fl.algorithms.fed_prox(loss_fn, client_optimizer=opt, mu=s["fedprox_mu"])
+    if method == "fedadam":
+        return fl.algorithms.fed_adam(loss_fn, client_optimizer=opt,
+                                      server_learning_rate=s["fedadam_server_learning_rate"])
+    if method == "scaffold":
+        return fl.algorithms.scaffold(loss_fn, client_optimizer=opt)
+    raise ValueError(f"heterogeneity.methods: got {method!r}; allowed: {list(METHODS)}.")
 
 
 def make_robust(
@@ -195,6 +256,62 @@ def make_robust(
         attack_noise_std=s["gaussian_noise_std"],
         num_classes=10,
     )
+
+
+# The attacks as coefficients (scale, noise, flip) of fl.attacks.mixed (None: scale_factor).
+MIXED = {
+    "none": (1.0, 0.0, 0.0),
+    "sign_flip": (-1.0, 0.0, 0.0),
+    "scale": (None, 0.0, 0.0),
+    "gaussian": (1.0, 1.0, 0.0),
+    "label_flip": (1.0, 0.0, 1.0),
+}
+# Rules whose shapes depend on the malicious fraction (trim count, Krum's f and m).
+FRACTION_SHAPED = ("trimmed_mean", "krum", "multi_krum")
+
+
+def make_robust_axes(
+    loss_fn: Callable,
+    aggregator: str,
+    fraction: float,
+    settings: tuple,
+    *,
+    scale: Any,
+    noise: Any,
+    flip: Any,
+    malicious: Any,
+    malicious_fraction: Any,
+) -> fl.FederatedAlgorithm:
+    """``robust_fedavg`` under ``fl.attacks.mixed``: attack and malicious set traced per row.
+
+    ``fraction`` sets the rule's own settings (as :func:`make_robust`); who is malicious is the
+    row's ``malicious`` mask (of ``malicious_fraction``).
+    """
+    del malicious_fraction
+    s = dict(settings)
+    cohort = s["cohort_size"]
+    f = max(1, round(fraction * cohort))
+    return fl.algorithms.REGISTRY["robust_fedavg"](
+        loss_fn,
+        client_optimizer=optax.sgd(s["client_learning_rate"]),
+        aggregator=aggregator,
+        trim_fraction=fraction,
+        f=f,
+        m=cohort - f,
+        gm_iters=s["gm_iters"],
+        tau=s["cc_tau"],
+        cc_iters=s["cc_iters"],
+        attack=fl.attacks.mixed(scale, noise, flip, noise_std=s["gaussian_noise_std"],
+                                num_classes=10),
+        attack_malicious=malicious,
+    )
+
+
+def make_dp_axes(
+    loss_fn: Callable, adaptive: bool, settings: tuple, *, noise_multiplier: Any
+) -> fl.FederatedAlgorithm:
+    """:func:`make_dp` with a traced noise multiplier (the sweep's noise axis)."""
+    return make_dp(loss_fn, noise_multiplier, adaptive, settings)
 
 
 def make_dp(
@@ -282,6 +399,127 @@ def _sweep(make, configs, train, test, model, settings, table, **kw) -> list[dic
 
 def _summary(accs: Sequence[float]) -> dict[str, Any]:
     return {"test_accuracy": float(np.mean(accs)), "per_seed": [float(a) for a in accs]}
+
+
+def _heterogeneity_problem(settings: dict[str, Any]):
+    """The pooled train examples split per alpha (a data axis), the held-out test set, model."""
+    t = settings["heterogeneity"]
+    d = t["data"]
+    pooled, test = fl.datasets.load(d["name"], num_clients=1, partition="iid",
+                                    test_fraction=d["test_fraction"], seed=0)
+    examples = {k: np.asarray(v) for k, v in pooled.examples.items()}
+    axis = fl.sweep.dirichlet_axis(examples, d["num_clients"], t["alphas"],
+                                   seed=t["partition_seed"], min_size=t["min_size"])
+    model = fl.models.mlp(tuple(examples["x"].shape[1:]),
+                          hidden=tuple(settings["model"]["hidden"]), num_classes=10)
+    fixed = {
+        "client_learning_rate": settings["client_learning_rate"],
+        "fedprox_mu": t["fedprox_mu"],
+        "fedadam_server_learning_rate": t["fedadam_server_learning_rate"],
+    }
+    return axis, test, model, tuple(sorted(fixed.items()))
+
+
+def _heterogeneity_table(t, axis, test, cells) -> dict[str, Any]:
+    results = [
+        {"method": m, "alpha": a,
+         "max_client_size": int(np.max(axis.data[axis.values.index(float(a))].client_sizes)),
+         **cells[(m, float(a))]}
+        for m in t["methods"] for a in t["alphas"]
+    ]
+    return {"settings": {**t, "num_train_examples": axis.data[0].num_examples,
+                         "num_test_examples": test.num_examples}, "results": results}
+
+
+def run_heterogeneity(settings: dict[str, Any]) -> dict[str, Any]:
+    """Table (h), per cell: one program per (method, alpha), over the seeds."""
+    t = settings["heterogeneity"]
+    axis, test, model, frozen = _heterogeneity_problem(settings)
+    loss = fl.models.classification_loss(model)
+    cells = {}
+    for method in t["methods"]:
+        make = functools.partial(make_method, loss, method, frozen)
+        for alpha, train in zip(axis.values, axis.data, strict=True):
+            print(f"heterogeneity: {method}, alpha {alpha:g}", file=sys.stderr)
+            rows = _sweep(make, [{}], train, test, model, settings, t,
+                          cohort_size=t["cohort_size"])
+            cells[(method, alpha)] = _summary([r["test_accuracy"] for r in rows])
+    return _heterogeneity_table(t, axis, test, cells)
+
+
+def run_heterogeneity_axes(settings: dict[str, Any]) -> dict[str, Any]:
+    """Table (h) on the data axis: one program per method over alpha x seed."""
+    t = settings["heterogeneity"]
+    axis, test, model, frozen = _heterogeneity_problem(settings)
+    loss = fl.models.classification_loss(model)
+    cells = {}
+    for method in t["methods"]:
+        print(f"heterogeneity (axes): {method}, alphas {list(axis.values)}", file=sys.stderr)
+        make = functools.partial(make_method, loss, method, frozen)
+        rows = _sweep(make, [{}], axis, test, model, settings, t, cohort_size=t["cohort_size"])
+        for alpha in axis.values:
+            mine = [r for r in rows if r["alpha"] == alpha]
+            assert [r["seed"] for r in mine] == list(settings["seeds"])
+            cells[(method, alpha)] = _summary([r["test_accuracy"] for r in mine])
+    return _heterogeneity_table(t, axis, test, cells)
+
+
+def _attack_settings(settings: dict[str, Any], train) -> tuple:
+    t = settings["attacks"]
+    fixed = {
+        "cohort_size": t["cohort_size"],
+        "num_clients": train.num_clients,
+        "client_learning_rate": settings["client_learning_rate"],
+        "gm_iters": t["gm_iters"],
+        "cc_tau": t["cc_tau"],
+        "cc_iters": t["cc_iters"],
+        "attack_seed": t["attack_seed"],
+        "gaussian_noise_std": t["gaussian_noise_std"],
+    }
+    return tuple(sorted(fixed.items()))
+
+
+def run_attacks_axes(settings: dict[str, Any]) -> dict[str, Any]:
+    """Table (a) on the sweep axes: one program per aggregator (per fraction where shaped)."""
+    t = settings["attacks"]
+    train, test, model = _problem(settings, t["data"])
+    loss = fl.models.classification_loss(model)
+    frozen = _attack_settings(settings, train)
+    coefs = []
+    for attack in t["attacks"]:
+        sc, noise, flip = MIXED[attack]
+        coefs.append({"scale": t["scale_factor"] if sc is None else sc, "noise": noise,
+                      "flip": flip})
+    per = len(settings["seeds"])
+    cells: dict[tuple, dict[str, Any]] = {}
+    for agg in t["aggregators"]:
+        groups = [[f] for f in t["fractions"]] if agg in FRACTION_SHAPED else [t["fractions"]]
+        for fractions in groups:
+            print(f"attacks (axes): {agg}, {fractions} malicious, {t['attacks']}",
+                  file=sys.stderr)
+            make = functools.partial(make_robust_axes, loss, agg, fractions[0], frozen)
+            configs = fl.grid(
+                fl.sweep.malicious_axis(fractions, train.num_clients, seed=t["attack_seed"]),
+                coefs,
+            )
+            rows = _sweep(make, configs, train, test, model, settings, t,
+                          cohort_size=t["cohort_size"])
+            combos = [(f, a) for f in fractions for a in t["attacks"]]
+            for i, (frac, attack) in enumerate(combos):
+                accs = [r["test_accuracy"] for r in rows[i * per : (i + 1) * per]]
+                assert all(r["malicious_fraction"] == frac for r in rows[i * per:(i + 1) * per])
+                cells[(agg, frac, attack)] = {
+                    "aggregator": agg,
+                    "attack": attack,
+                    "fraction": frac,
+                    "attack_scale": coefs[t["attacks"].index(attack)]["scale"]
+                    if attack in ("none", "sign_flip", "scale") else None,
+                    "krum_f": max(1, round(frac * t["cohort_size"])),
+                    **_summary(accs),
+                }
+    ordered = [cells[(a, f, k)] for a in t["aggregators"] for f in t["fractions"]
+               for k in t["attacks"]]
+    return {"settings": {**t, "num_clients": train.num_clients}, "results": ordered}
 
 
 def run_attacks(settings: dict[str, Any]) -> dict[str, Any]:
@@ -392,6 +630,65 @@ def run_dp(settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_dp_axes(settings: dict[str, Any]) -> dict[str, Any]:
+    """Table (b) on the noise axis: one program per clipping mode, epsilon from the sweep."""
+    t = settings["dp"]
+    train, test, model = _problem(settings, t["data"])
+    loss = fl.models.classification_loss(model)
+    n = train.num_clients
+    q = t["sampling_rate"]
+    delta = float(n ** -t["delta_exponent"])
+    fixed = {
+        "client_learning_rate": settings["client_learning_rate"],
+        "expected_cohort_size": q * n,
+        "fixed_clip_norm": t["fixed_clip_norm"],
+        "adaptive_initial_clip_norm": t["adaptive_initial_clip_norm"],
+        "target_quantile": t["target_quantile"],
+        "clip_learning_rate": t["clip_learning_rate"],
+    }
+    frozen = tuple(sorted(fixed.items()))
+    sampler = fl.data.participation.bernoulli(q)
+    overflow = _binomial_tail(n, q, t["cohort_slots"])
+    accounting = fl.sweep.DPAccounting(q, delta, accountants=("rdp", "pld"))
+    sweep_kw = dict(cohort_size=t["cohort_slots"], sampler=sampler)
+    results = []
+    if "none" in t["clipping"]:
+        print("dp (axes): clipping none", file=sys.stderr)
+        make = functools.partial(make_dp, loss, None, False, frozen)
+        rows = _sweep(make, [{}], train, test, model, settings, t, **sweep_kw)
+        results.append({"clipping": "none", "noise_multiplier": None,
+                        **_summary([r["test_accuracy"] for r in rows])})
+    per = len(settings["seeds"])
+    for clipping in [c for c in t["clipping"] if c != "none"]:
+        zs = t["noise_multipliers"]
+        if clipping == "adaptive" and not all(2.0 * q * n / 20.0 > z for z in zs):
+            raise ValueError("dp.noise_multipliers: adaptive clipping needs 2 sigma_b > z.")
+        print(f"dp (axes): clipping {clipping}, noise multipliers {zs}", file=sys.stderr)
+        make = functools.partial(make_dp_axes, loss, clipping == "adaptive", frozen)
+        rows = _sweep(make, fl.grid(noise_multiplier=zs), train, test, model, settings, t,
+                      dp_accounting=accounting, **sweep_kw)
+        for i, z in enumerate(zs):
+            mine = rows[i * per : (i + 1) * per]
+            row: dict[str, Any] = {"clipping": clipping, "noise_multiplier": z,
+                                   "update_noise_multiplier": _update_noise(z, clipping, q * n)}
+            for acc in ("rdp", "pld"):
+                eps = mine[0][f"epsilon_{acc}"]
+                row[f"epsilon_{acc}"] = None if eps == float("inf") else eps
+            results.append({**row, **_summary([r["test_accuracy"] for r in mine])})
+    return {
+        "settings": {
+            **t,
+            "num_clients": n,
+            "num_train_examples": train.num_examples,
+            "expected_cohort_size": q * n,
+            "delta": delta,
+            "sampling": "poisson (bernoulli sampler, every available client in the cohort)",
+            "p_cohort_overflow_per_round": overflow,
+        },
+        "results": results,
+    }
+
+
 def _update_noise(z: float, clipping: str, expected_cohort_size: float) -> float | None:
     """The noise multiplier on the update sum; ``None`` when infinite.
 
@@ -460,6 +757,18 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "inf" if x is None else format(x, spec)
 
 
+def heterogeneity_markdown(table: dict[str, Any]) -> str:
+    """Markdown: one row per method, one column per Dirichlet alpha."""
+    s = table["settings"]
+    cells = {(r["method"], r["alpha"]): r for r in table["results"]}
+    lines = ["| method | " + " | ".join(f"alpha = {a:g}" for a in s["alphas"]) + " |",
+             "|" + " --- |" * (len(s["alphas"]) + 1)]
+    for m in s["methods"]:
+        vals = [_fmt(cells[(m, a)]["test_accuracy"]) for a in s["alphas"]]
+        lines.append(f"| {METHODS[m]} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def attacks_markdown(table: dict[str, Any]) -> str:
     """Markdown: one row per aggregator, one column per (malicious fraction, attack)."""
     s = table["settings"]
@@ -517,8 +826,12 @@ def compression_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-RUNNERS = {"attacks": run_attacks, "dp": run_dp, "compression": run_compression}
-MARKDOWN = {"attacks": attacks_markdown, "dp": dp_markdown, "compression": compression_markdown}
+RUNNERS = {"heterogeneity": run_heterogeneity, "attacks": run_attacks, "dp": run_dp,
+           "compression": run_compression}
+AXES_RUNNERS = {"heterogeneity": run_heterogeneity_axes, "attacks": run_attacks_axes,
+                "dp": run_dp_axes, "compression": run_compression}
+MARKDOWN = {"heterogeneity": heterogeneity_markdown, "attacks": attacks_markdown,
+            "dp": dp_markdown, "compression": compression_markdown}
 
 
 def _environment() -> dict[str, Any]:
@@ -532,14 +845,33 @@ def _environment() -> dict[str, Any]:
     }
 
 
+def _timed(runner: Callable, settings: dict[str, Any]) -> dict[str, Any]:
+    start, cpu = time.perf_counter(), time.process_time()
+    table = runner(settings)
+    table["wall_time_s"] = time.perf_counter() - start
+    table["cpu_time_s"] = time.process_time() - cpu  # this process, all its threads
+    return table
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the tables, prints them as markdown and writes ``--out``; returns the results."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="a few rounds of a reduced grid")
     p.add_argument("--only", choices=TABLES, help="run one table (merged into an existing --out)")
     p.add_argument("--out", required=True, help="JSON file for every number and setting")
+    p.add_argument("--runner", choices=RUNNER_CHOICES, default="axes",
+                   help="loop: one program per cell; axes (default): the sweep axes; both: "
+                   "loop then axes, with the wall-time ratio and the differences")
+    p.add_argument("--aggregators", help="table (a) for these aggregators only (comma-separated"
+                   "), written as 'attacks_subset' next to the full table")
     args = p.parse_args(argv)
     settings = SMOKE if args.smoke else FULL
+    if args.aggregators:
+        aggs = args.aggregators.split(",")
+        unknown = [a for a in aggs if a not in AGGREGATORS]
+        if unknown:
+            p.error(f"--aggregators: unknown {unknown}; choose from {list(AGGREGATORS)}")
+        settings = {**settings, "attacks": {**settings["attacks"], "aggregators": aggs}}
     mode = "smoke" if args.smoke else "full"
     out = Path(args.out)
     results: dict[str, Any] = {}
@@ -553,16 +885,86 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results.update({"mode": mode, "common": common, "environment": _environment()})
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in [args.only] if args.only else TABLES:
-        start = time.perf_counter()
-        table = RUNNERS[name](settings)
-        table["wall_time_s"] = time.perf_counter() - start
-        results[name] = table
+        if args.runner == "both" and RUNNERS[name] is not AXES_RUNNERS[name]:
+            loop = _timed(RUNNERS[name], settings)
+            print(f"\n### {name}, loop ({loop['wall_time_s']:.0f} s)\n\n"
+                  f"{MARKDOWN[name](loop)}\n", flush=True)
+            table = _timed(AXES_RUNNERS[name], settings)
+            table["loop_vs_axes"] = compare(loop, table)
+        else:
+            runners = RUNNERS if args.runner == "loop" else AXES_RUNNERS
+            table = _timed(runners[name], settings)
+        table["runner"] = (
+            "loop" if args.runner == "loop" or RUNNERS[name] is AXES_RUNNERS[name] else "axes"
+        )
+        key = "attacks_subset" if name == "attacks" and args.aggregators else name
+        results[key] = table
         print(
             f"\n### {name} ({table['wall_time_s']:.0f} s)\n\n{MARKDOWN[name](table)}\n", flush=True
         )
+        if "loop_vs_axes" in table:
+            c = table["loop_vs_axes"]
+            print(f"{name}: loop {c['loop_wall_time_s']:.1f} s, axes {c['axes_wall_time_s']:.1f} "
+                  f"s: {c['speedup']:.2f}x; {c['identical_runs']}/{c['runs']} runs of equal "
+                  f"accuracy, largest difference {c['max_abs_accuracy_difference']:.4f}",
+                  flush=True)
+        results["loop_vs_axes"] = summarize(results)
         out.write_text(json.dumps(results, indent=2) + "\n")  # after every table
+    if results["loop_vs_axes"]["tables"]:
+        c = results["loop_vs_axes"]
+        print(f"all compared tables: loop {c['loop_wall_time_s']:.1f} s, axes "
+              f"{c['axes_wall_time_s']:.1f} s: {c['speedup']:.2f}x")
     print(f"wrote {out}")
     return results
+
+
+_VALUES = ("test_accuracy", "per_seed")
+
+
+def compare(loop: dict[str, Any], axes: dict[str, Any]) -> dict[str, Any]:
+    """One table by both runners: the same cells and settings; wall times, accuracy differences.
+
+    Every field of a row but the accuracies (epsilon, bits, cell names) must be equal.
+    """
+    if loop["settings"] != axes["settings"] or len(loop["results"]) != len(axes["results"]):
+        raise RuntimeError("loop and axes runners built different tables")
+    diffs = []
+    for a, b in zip(loop["results"], axes["results"], strict=True):
+        same = {k: v for k, v in a.items() if k not in _VALUES}
+        if same != {k: v for k, v in b.items() if k not in _VALUES}:
+            raise RuntimeError(f"loop and axes rows differ beyond the accuracy: {a} vs {b}")
+        diffs += [abs(x - y) for x, y in zip(a["per_seed"], b["per_seed"], strict=True)]
+    return {
+        "loop_wall_time_s": loop["wall_time_s"],
+        "axes_wall_time_s": axes["wall_time_s"],
+        "speedup": loop["wall_time_s"] / axes["wall_time_s"],
+        "loop_cpu_time_s": loop["cpu_time_s"],
+        "axes_cpu_time_s": axes["cpu_time_s"],
+        "max_abs_accuracy_difference": max(diffs),
+        "identical_runs": int(sum(d == 0 for d in diffs)),
+        "runs": len(diffs),
+        "loop_results": loop["results"],
+    }
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """The compared tables' totals: loop and axes wall time, their ratio, the worst difference.
+
+    Example:
+      >>> c = {"loop_wall_time_s": 6.0, "axes_wall_time_s": 2.0, "max_abs_accuracy_difference": 0}
+      >>> summarize({"dp": {"loop_vs_axes": c}, "mode": "full"})["speedup"]
+      3.0
+    """
+    tables = {n: t["loop_vs_axes"] for n, t in results.items()
+              if isinstance(t, dict) and "loop_vs_axes" in t}
+    out: dict[str, Any] = {"tables": sorted(tables)}
+    if tables:
+        loop = sum(c["loop_wall_time_s"] for c in tables.values())
+        axes = sum(c["axes_wall_time_s"] for c in tables.values())
+        out.update(loop_wall_time_s=loop, axes_wall_time_s=axes, speedup=loop / axes,
+                   max_abs_accuracy_difference=max(c["max_abs_accuracy_difference"]
+                                                   for c in tables.values()))
+    return out
 
 
 if __name__ == "__main__":
