@@ -1,6 +1,28 @@
-"""Shared test settings: catch silent broadcasting across the client axis, keep compiles small."""
+"""Shared test settings: catch silent broadcasting across the client axis, keep compiles small.
 
-import jax
+Compiled programs are shared by the subprocesses the tests start (CLI runs, multi-process runs,
+notebook kernels) through JAX's persistent compilation cache: one temporary directory per test
+session, made by the first process that loads this file (the xdist controller) and inherited
+through the environment, so a program one subprocess compiled is loaded, not compiled again, by
+the next. The test processes themselves (controller and workers) import JAX with the variable
+hidden, so they never use the cache and in-process compile counts (tests/test_no_recompile.py,
+tests/test_validation.py) see every compile. The directory is removed when the session ends.
+"""
+
+import os
+import shutil
+import tempfile
+
+_SHARED_CACHE = os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # hidden from this process
+
+import jax  # noqa: E402
+
+if _SHARED_CACHE is None:  # the session's first process (the controller, or a lone pytest)
+    _SHARED_CACHE = tempfile.mkdtemp(prefix="fedjax_lab_tests_jax_")
+    os.environ["FEDJAX_LAB_TESTS_OWN_JAX_CACHE"] = str(os.getpid())
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _SHARED_CACHE  # for the subprocesses only
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -64,3 +86,9 @@ def pytest_collection_modifyitems(config, items):
         base = getattr(item, "originalname", None) or item.name
         if f"{item.path.name}::{base}" in SLOW:
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The process that made the session's compilation cache removes it."""
+    if os.environ.get("FEDJAX_LAB_TESTS_OWN_JAX_CACHE") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

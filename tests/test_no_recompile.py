@@ -108,6 +108,8 @@ def test_donated_state_gives_the_same_result_and_is_consumed():
 
 
 _SHARDED_SCRIPT = """
+import os
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # count real compiles, not cache loads
 import jax, jax.numpy as jnp, numpy as np, optax, fedjax_lab as fl
 count = [0]
 EVENT = "/jax/core/compile/backend_compile_duration"
