@@ -459,9 +459,10 @@ def evaluate_own_models(
 ) -> dict[str, Any]:
     """Each client evaluated on ITS OWN model (:func:`personal_models`) and on the global one.
 
-    The global model is ``state.params`` (for IFCA: the most chosen cluster's model). For
-    ``"ifca"`` with ``choose_on`` (e.g. the training data), each client's cluster is the one
-    of lowest loss on its own ``choose_on`` examples (:func:`cluster_choices`, the paper's
+    The global model is ``state.params`` (for IFCA: the cluster models averaged by their
+    latest shares). For ``"ifca"`` with ``choose_on`` (e.g. the training data), each client's
+    cluster is the one of lowest loss on its own ``choose_on`` examples
+    (:func:`cluster_choices`, the paper's
     inference rule) instead of its latest choice.
 
     Args:

@@ -3,9 +3,11 @@
 The server state holds ``k`` models stacked ``[k, ...]`` in ``state.extra.models``; every sampled
 client evaluates all ``k`` on its round's data, trains the one of lowest loss and sends the
 delta of that cluster only; the server averages each cluster over the clients that chose it.
-``state.params`` is the model of the cluster that drew the most cohort weight in the latest
-applied round (cluster 0 before any), so everything that evaluates ``state.params`` keeps
-working; the clients' own models are :func:`personal_params`.
+IFCA has no single global model: ``state.params`` is the average of the cluster models weighted
+by the share of cohort weight that chose each in the latest applied round,
+``Σ_j s_j θ_j`` (the initial ``params`` before any round), so that everything that evaluates
+``state.params`` keeps working; the clients' own models are :func:`personal_params` (and
+:func:`fedjax_lab.personalization.evaluate_own_models`).
 """
 
 from __future__ import annotations
@@ -149,7 +151,8 @@ def ifca(
     A client's update is the pair ``(onehot(j_i) ⊗ Δ_i, onehot(j_i))`` (so
     ``update_is_delta=False``); the round's metrics add ``cluster_<j>_clients``, the number of
     cohort clients that chose cluster ``j``, and ``state.client_states`` (with ``num_clients``)
-    holds each client's latest choice (``-1``: never sampled).
+    holds each client's latest choice (``-1``: never sampled). ``state.params`` becomes
+    ``Σ_j s_j θ_j`` with ``s_j = Σ_{i∈S_j} p_i / Σ_i p_i`` (see the module docstring).
 
     Args:
       loss_fn: mean loss over real examples.
@@ -252,8 +255,8 @@ def ifca(
             lambda new, old: jnp.where(chosen.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
             moved, models,
         )
-        top = jnp.argmax(shares)
-        params = jax.tree.map(lambda m: m[top], models)
+        frac = shares / jnp.maximum(jnp.sum(shares), 1e-30)
+        params = jax.tree.map(lambda m: jnp.tensordot(frac.astype(m.dtype), m, axes=1), models)
         return state._replace(params=params, opt_state=opt_state, extra=IFCAExtra(models))
 
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
