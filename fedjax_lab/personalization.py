@@ -1,10 +1,14 @@
 """Personalised evaluation: each client's own model on each client's own test data.
 
 Federated personalisation is judged per client: client ``i``'s model (fine-tuned from the global
-one, or a personal model kept by Ditto / pFedMe / FedRep) is evaluated on client ``i``'s test
-examples, and the distribution of those accuracies (mean, 10th percentile) is reported next to
-the global model's. Both functions run as ONE compiled program, clients mapped by a
-:class:`~fedjax_lab.ClientMap` (default :func:`fedjax_lab.maps.sequential`, bounded memory).
+one, a personal model kept by Ditto / pFedMe / FedRep / FedPer, APFL's mixture
+``α_i v_i + (1 - α_i) w``, LG-FedAvg's own representation with the global head, or the cluster
+model IFCA's client chose) is evaluated on client ``i``'s test examples, and the distribution of
+those accuracies (mean, 10th percentile) is reported next to the global model's.
+:func:`personal_models` builds each client's own model from the server state of any of those
+algorithms, and :func:`evaluate_own_models` evaluates it. The evaluations run as ONE compiled
+program, clients mapped by a :class:`~fedjax_lab.ClientMap` (default
+:func:`fedjax_lab.maps.sequential`, bounded memory).
 
 ``train_data`` and ``test_data`` must hold the same clients in the same order (client ``i`` of
 one is client ``i`` of the other), as the loaders of :mod:`fedjax_lab.data.datasets` return them.
@@ -29,7 +33,18 @@ from fedjax_lab.data import sampling
 from fedjax_lab.data._federated import FederatedData
 from fedjax_lab.metrics import summarize
 
-__all__ = ["evaluate_personalized", "fine_tune_evaluate", "stack_clients"]
+__all__ = [
+    "PERSONALIZED_ALGORITHMS",
+    "cluster_choices",
+    "evaluate_own_models",
+    "evaluate_personalized",
+    "fine_tune_evaluate",
+    "personal_models",
+    "stack_clients",
+]
+
+PERSONALIZED_ALGORITHMS = ("apfl", "ditto", "fedper", "fedrep", "ifca", "lg_fedavg", "pfedme")
+"""The registered algorithms whose clients have their own model (:func:`personal_models`)."""
 
 EvalFn = Callable[[Params, Batch], dict[str, jax.Array]]
 
@@ -307,3 +322,183 @@ def fine_tune_evaluate(
 def _cached_training(loss_fn, optimizer):
     """One ``local_training`` per (loss, optimiser), so repeated calls do not recompile."""
     return local_training(loss_fn, optimizer)
+
+
+@functools.partial(jax.jit, static_argnames=("eval_fn", "client_map", "num_batches", "batch_size"))
+def _cluster_sums(eval_fn, client_map, models, examples, offsets, *, num_batches, batch_size):
+    n = offsets.shape[0] - 1
+
+    def one(shared, cid):
+        batches = _test_batches(examples, offsets, cid, num_batches=num_batches,
+                                batch_size=batch_size)
+        return (), jax.vmap(lambda m: _eval_sums(eval_fn, m, batches))(shared)
+
+    _, sums = client_map.apply(one, models, jnp.arange(n, dtype=jnp.int32))
+    return sums
+
+
+def cluster_choices(
+    eval_fn: EvalFn,
+    cluster_params: PyTree,
+    data: FederatedData,
+    *,
+    batch_size: int = 256,
+    client_map: ClientMap | None = None,
+) -> np.ndarray:
+    """The cluster of lowest mean loss on each client's ``data`` (IFCA's rule), ``i32[N]``.
+
+    Client ``i`` gets ``argmin_j loss_sum_ij / num_examples_i`` over the ``k`` models
+    ``cluster_params`` (leaves ``[k, ...]``, e.g.
+    :func:`fedjax_lab.algorithms.ifca.cluster_models`); ties go to the lowest index.
+
+    Args:
+      eval_fn: evaluation sums with ``loss_sum`` and ``num_examples`` (see
+        :func:`evaluate_personalized`).
+      cluster_params: the ``k`` models, leaves ``[k, ...]``.
+      data: the clients' data (usually their training data).
+      batch_size: examples per evaluation step.
+      client_map: how clients are mapped (default :func:`fedjax_lab.maps.sequential`).
+
+    Returns:
+      One cluster index per client of ``data``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, fedjax_lab as fl
+      >>> model = fl.models.logistic_regression((2,), 2)
+      >>> data = fl.FederatedData.from_client_arrays([
+      ...     {"x": np.ones((3, 2), "f4"), "y": np.zeros(3, "i4")},
+      ...     {"x": np.ones((2, 2), "f4"), "y": np.ones(2, "i4")}])
+      >>> models = {"Dense_0": {"kernel": jnp.zeros((2, 2, 2)),  # two models: [k, ...]
+      ...                       "bias": jnp.array([[5.0, 0.0], [0.0, 5.0]])}}
+      >>> cluster_choices(fl.models.classification_metrics(model), models, data).tolist()
+      [0, 1]
+    """
+    data = _check_data(data, "data")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    for key in ("loss_sum", "num_examples"):
+        shapes = jax.eval_shape(
+            eval_fn, jax.tree.map(lambda a: a[0], cluster_params),
+            {k: jnp.asarray(v[:1]) for k, v in data.examples.items()} | {"mask": jnp.ones(1)},
+        )
+        if key not in shapes:
+            raise ValueError(f"eval_fn: must return {key!r} (e.g. fl.models."
+                             "classification_metrics(model)); got keys {sorted(shapes)}.")
+    max_size = max(1, int(np.max(data.client_sizes)))
+    bt = max(1, min(batch_size, max_size))
+    ex, off = _device(data)
+    cmap = maps_lib.sequential() if client_map is None else client_map
+    sums = _cluster_sums(eval_fn, cmap, cluster_params, ex, off,
+                         num_batches=-(-max_size // bt), batch_size=bt)
+    loss = np.asarray(sums["loss_sum"]) / np.maximum(np.asarray(sums["num_examples"]), 1.0)
+    return np.argmin(loss, axis=1).astype(np.int32)
+
+
+def personal_models(algorithm: str, state: Any, **options: Any) -> PyTree:
+    """Every client's own model from a server state of ``algorithm``, leaves ``[N, ...]``.
+
+    =============================  ===========================================================
+    ``algorithm``                  client ``i``'s model
+    =============================  ===========================================================
+    ``"ditto"``, ``"pfedme"``      its personal model (``state.client_states``)
+    ``"fedrep"``, ``"fedper"``     the global body with its own head (options: ``global_mask``
+                                   or ``local_keys``, as given to the algorithm)
+    ``"lg_fedavg"``                its own representation with the global head (same options)
+    ``"apfl"``                     ``α_i v_i + (1 - α_i) w``
+    ``"ifca"``                     the cluster model it chose (option ``choices``, ``i32[N]``;
+                                   default its latest choice, see
+                                   :func:`fedjax_lab.algorithms.ifca.personal_params`)
+    =============================  ===========================================================
+
+    Example:
+      >>> import jax.numpy as jnp, fedjax_lab as fl
+      >>> alg = fl.algorithms.apfl(lambda p, b, k: jnp.sum(p ** 2), alpha=0.5)
+      >>> personal_models("apfl", alg.init(jnp.ones(2), num_clients=3)).shape
+      (3, 2)
+    """
+    if algorithm not in PERSONALIZED_ALGORITHMS:
+        raise ValueError(
+            f"algorithm: got {algorithm!r}; allowed: {', '.join(PERSONALIZED_ALGORITHMS)} (the "
+            "others have one global model: evaluate state.params, or fine_tune_evaluate)."
+        )
+    allowed = {"fedrep": ("global_mask", "local_keys"), "fedper": ("global_mask", "local_keys"),
+               "lg_fedavg": ("global_mask", "local_keys"), "ifca": ("choices",)}
+    extra = sorted(set(options) - set(allowed.get(algorithm, ())))
+    if extra:
+        raise ValueError(
+            f"{extra[0]}: not an option of {algorithm!r}; allowed: "
+            f"{', '.join(allowed.get(algorithm, ())) or 'none'}."
+        )
+    # the package re-exports the factories under the module names: take the modules themselves
+    partial_lib = _algorithm_module("partial")
+    if algorithm in ("fedrep", "fedper"):
+        return partial_lib.personal_params(state, **options)
+    if algorithm == "lg_fedavg":
+        return partial_lib.personal_params(state, local="body", **options)
+    if algorithm in ("ifca", "apfl"):
+        return _algorithm_module(algorithm).personal_params(state, **options)
+    kit.require_client_state(state.client_states, algorithm)
+    return _algorithm_module(algorithm).personal_params(state)
+
+
+def _algorithm_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"fedjax_lab.algorithms.{name}")
+
+
+def evaluate_own_models(
+    eval_fn: EvalFn,
+    algorithm: str,
+    state: Any,
+    test_data: FederatedData,
+    *,
+    choose_on: FederatedData | None = None,
+    batch_size: int = 256,
+    client_map: ClientMap | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Each client evaluated on ITS OWN model (:func:`personal_models`) and on the global one.
+
+    The global model is ``state.params`` (for IFCA: the cluster models averaged by their
+    latest shares). For ``"ifca"`` with ``choose_on`` (e.g. the training data), each client's
+    cluster is the one of lowest loss on its own ``choose_on`` examples
+    (:func:`cluster_choices`, the paper's
+    inference rule) instead of its latest choice.
+
+    Args:
+      eval_fn: evaluation sums (see :func:`evaluate_personalized`).
+      algorithm: the registered name (one of :data:`PERSONALIZED_ALGORITHMS`).
+      state: the algorithm's server state, built with ``num_clients = test_data.num_clients``.
+      test_data: the clients' test data (client ``i`` = model ``i``).
+      choose_on: IFCA only: the data the clusters are chosen on.
+      batch_size: test examples per evaluation step.
+      client_map: how clients are mapped (default :func:`fedjax_lab.maps.sequential`).
+      **options: passed to :func:`personal_models`.
+
+    Returns:
+      The dict of :func:`evaluate_personalized` (``personalized`` = the clients' own models).
+
+    Example:
+      >>> import jax, numpy as np, fedjax_lab as fl
+      >>> model = fl.models.logistic_regression((2,), 2)
+      >>> test = fl.FederatedData.from_client_arrays([
+      ...     {"x": np.ones((3, 2), "f4"), "y": np.zeros(3, "i4")},
+      ...     {"x": np.ones((2, 2), "f4"), "y": np.ones(2, "i4")}])
+      >>> alg = fl.algorithms.apfl(fl.models.classification_loss(model))
+      >>> state = alg.init(model.init(jax.random.key(0)), num_clients=2)
+      >>> out = evaluate_own_models(fl.models.classification_metrics(model), "apfl", state, test)
+      >>> out["global_accuracy_mean"] == out["personalized_accuracy_mean"]  # v_i = w at start
+      True
+    """
+    if choose_on is not None:
+        if algorithm != "ifca":
+            raise ValueError(f"choose_on: only for 'ifca' (picks each client's cluster), not "
+                             f"{algorithm!r}.")
+        if "choices" in options:
+            raise ValueError("choose_on, choices: give one of them, not both.")
+        models = _algorithm_module("ifca").cluster_models(state)
+        options["choices"] = cluster_choices(eval_fn, models, choose_on,
+                                             batch_size=batch_size, client_map=client_map)
+    personal = personal_models(algorithm, state, **options)
+    return evaluate_personalized(eval_fn, state.params, personal, test_data,
+                                 batch_size=batch_size, client_map=client_map)

@@ -505,7 +505,7 @@ def test_config_reference_lists_every_section_key_and_algorithm(capsys):
         assert f"      {key}: " in one, key
     assert "fedadam" not in one
     code, err = _err(capsys, ["config", "--reference", "--algorithm", "fedprx"])
-    assert code == 2 and "--algorithm: got 'fedprx'; allowed: 'ditto'" in err
+    assert code == 2 and "--algorithm: got 'fedprx'; allowed: 'apfl', 'ditto'" in err
 
 
 def test_config_init_writes_a_loadable_starter_for_every_algorithm(tmp_path, capsys):

@@ -13,7 +13,9 @@ FedAvg / FedOpt        ``fedavg``, ``fedadam``, ``fedyogi``, ``fedadagrad``, ``f
 client drift           ``scaffold``, ``feddyn``, ``fednova``, ``mime``, ``mimelite``,
                        ``fedavg_momentum``
 participation          ``fedau``, ``feddisco``, ``fedbuff``
-personalisation        ``ditto``, ``pfedme``, ``fedrep``, ``fedper``, ``perfedavg``
+personalisation        ``ditto``, ``pfedme``, ``fedrep``, ``fedper``, ``perfedavg``, ``apfl``,
+                       ``lg_fedavg``
+clustering             ``ifca``
 fairness               ``qffl``
 privacy, robustness,   ``dp_fedavg``, ``robust_fedavg``, ``fedavg_topk``, ``fedavg_qsgd`` (FedAvg
 compression            composed with :func:`with_privacy`, :func:`with_aggregator`,
@@ -29,6 +31,7 @@ True
 """
 
 from fedjax_lab.algorithms._registry import REGISTRY, register
+from fedjax_lab.algorithms.apfl import apfl
 from fedjax_lab.algorithms.composed import (
     fed_avg_qsgd,
     fed_avg_topk,
@@ -48,9 +51,10 @@ from fedjax_lab.algorithms.feddisco import fed_disco
 from fedjax_lab.algorithms.feddyn import fed_dyn
 from fedjax_lab.algorithms.fednova import fed_nova
 from fedjax_lab.algorithms.fedprox import fed_prox
+from fedjax_lab.algorithms.ifca import ifca
 from fedjax_lab.algorithms.mime import mime, mime_lite
 from fedjax_lab.algorithms.momentum import fed_avg_momentum
-from fedjax_lab.algorithms.partial import fed_per, fed_rep
+from fedjax_lab.algorithms.partial import fed_per, fed_rep, lg_fed_avg
 from fedjax_lab.algorithms.perfedavg import per_fedavg
 from fedjax_lab.algorithms.pfedme import pfedme
 from fedjax_lab.algorithms.qffl import q_fedavg
@@ -59,6 +63,7 @@ from fedjax_lab.algorithms.scaffold import scaffold
 __all__ = [
     "REGISTRY",
     "FTRLServerState",
+    "apfl",
     "ditto",
     "dp_fed_avg",
     "dp_ftrl",
@@ -79,6 +84,8 @@ __all__ = [
     "fed_prox",
     "fed_rep",
     "fed_yogi",
+    "ifca",
+    "lg_fed_avg",
     "mime",
     "mime_lite",
     "per_fedavg",

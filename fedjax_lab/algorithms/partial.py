@@ -1,11 +1,14 @@
-"""Partial model sharing: FedPer (Arivazhagan et al. 2019) and FedRep (Collins et al. 2021).
+"""Partial model sharing: FedPer (Arivazhagan et al. 2019), FedRep (Collins et al. 2021) and
+LG-FedAvg (Liang et al. 2020).
 
 The model is split into *global* leaves (the shared body / representation), averaged by the
 server, and *local* leaves (the personal head), which stay on their client in
 ``state.client_states`` and never leave it. Which leaves are global is a pytree of booleans
 shaped like the params (``True`` = global), given directly, computed by a function of the
 params, chosen by path names (``local_keys``), or by default: the last top-level entry of the
-params (the output layer of the zoo's MLP/CNN, e.g. ``Dense_1``) is local.
+params (the output layer of the zoo's MLP/CNN, e.g. ``Dense_1``) is local. LG-FedAvg is the
+opposite split (``local="body"``): the local representation layers stay on their client and the
+head is averaged.
 """
 
 from __future__ import annotations
@@ -32,7 +35,15 @@ from fedjax_lab._types import (
 )
 from fedjax_lab.algorithms._registry import register
 
-__all__ = ["fed_per", "fed_rep", "merge", "personal_params", "resolve_global_mask", "split"]
+__all__ = [
+    "fed_per",
+    "fed_rep",
+    "lg_fed_avg",
+    "merge",
+    "personal_params",
+    "resolve_global_mask",
+    "split",
+]
 
 MaskSpec = PyTree | Callable[[Params], PyTree] | None
 
@@ -69,7 +80,11 @@ def _default_head(params: Params) -> PyTree:
 
 
 def resolve_global_mask(
-    params: Params, global_mask: MaskSpec = None, local_keys: str | Sequence[str] | None = None
+    params: Params,
+    global_mask: MaskSpec = None,
+    local_keys: str | Sequence[str] | None = None,
+    *,
+    local: str = "head",
 ) -> PyTree:
     """The pytree of booleans (``True`` = global/shared leaf) for ``params``.
 
@@ -80,6 +95,9 @@ def resolve_global_mask(
       local_keys: alternatively, path substrings: a leaf whose path (``jax.tree_util.keystr``)
         contains one of them is local. With neither, the head is local: the last top-level
         ``Dense*`` entry (natural order), or the last top-level entry when none is ``Dense``.
+      local: which side of that default split is local: ``"head"`` (FedRep/FedPer) or
+        ``"body"`` (LG-FedAvg: the head is global, every other leaf local). Only used when
+        neither ``global_mask`` nor ``local_keys`` is given.
 
     Returns:
       The mask pytree (Python bools).
@@ -91,7 +109,11 @@ def resolve_global_mask(
       {'Dense_0': {'kernel': True}, 'Dense_1': {'kernel': False}}
       >>> resolve_global_mask(p, local_keys="Dense_0")["Dense_0"]
       {'kernel': False}
+      >>> resolve_global_mask(p, local="body")
+      {'Dense_0': {'kernel': False}, 'Dense_1': {'kernel': True}}
     """
+    if local not in ("head", "body"):
+        raise ValueError(f"local: expected 'head' or 'body', got {local!r}.")
     if global_mask is not None and local_keys is not None:
         raise ValueError("global_mask, local_keys: give one of them, not both.")
     if local_keys is not None:
@@ -101,6 +123,8 @@ def resolve_global_mask(
         )
     elif global_mask is None:
         mask = _default_head(params)
+        if local == "body":
+            mask = jax.tree.map(lambda m: not m, mask)
     elif callable(global_mask):
         mask = global_mask(params)
     else:
@@ -149,13 +173,25 @@ def merge(params: Params, local: Sequence[jax.Array], mask: PyTree) -> Params:
 
 
 def personal_params(
-    state: ServerState, global_mask: MaskSpec = None, local_keys: str | Sequence[str] | None = None
+    state: ServerState,
+    global_mask: MaskSpec = None,
+    local_keys: str | Sequence[str] | None = None,
+    *,
+    local: str = "head",
 ) -> PyTree:
-    """Each client's personal model: the global body with its own head, leaves ``[N, ...]``.
+    """Each client's personal model: the global leaves with its own local ones, ``[N, ...]``.
 
-    Pass the same ``global_mask``/``local_keys`` as to :func:`fed_rep`/:func:`fed_per`.
+    Pass the same ``global_mask``/``local_keys`` as to :func:`fed_rep`/:func:`fed_per`, and
+    ``local="body"`` for :func:`lg_fed_avg` (its local representation with the global head).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = {"body": jnp.ones(3), "head": jnp.zeros(2)}
+      >>> alg = lg_fed_avg(lambda q, b, k: jnp.sum(q["body"] ** 2), local_keys="body")
+      >>> personal_params(alg.init(p, num_clients=4), local_keys="body")["body"].shape
+      (4, 3)
     """
-    mask = resolve_global_mask(state.params, global_mask, local_keys)
+    mask = resolve_global_mask(state.params, global_mask, local_keys, local=local)
     local = list(state.client_states)
     n = local[0].shape[0]
     glob, _ = split(state.params, mask)
@@ -178,6 +214,7 @@ def _partial(
     server_learning_rate: float,
     unroll: int | bool,
     name: str,
+    local: str = "head",
 ) -> FederatedAlgorithm:
     kit.check_loss_fn(loss_fn)
     kit.check_count("head_epochs", head_epochs, optional=True)
@@ -189,7 +226,7 @@ def _partial(
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
         n = kit.check_num_clients(num_clients)
-        mask = resolve_global_mask(params, global_mask, local_keys)
+        mask = resolve_global_mask(params, global_mask, local_keys, local=local)
         _, loc = split(params, mask)
         heads = () if n is None else tuple(kit.copies_per_client(tuple(loc), n))
         return kit.server_state(params, server_optimizer, aggregator, client_states=heads)
@@ -201,7 +238,7 @@ def _partial(
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
         kit.require_client_state(client.state, name)
-        mask = resolve_global_mask(state.params, global_mask, local_keys)
+        mask = resolve_global_mask(state.params, global_mask, local_keys, local=local)
         w = state.params
         own = list(client.state)
         if head_epochs is None:  # FedPer: body and head trained together
@@ -360,4 +397,67 @@ def fed_per(
         head_epochs=None, body_epochs=epochs,
         server_optimizer=server_optimizer, server_learning_rate=server_learning_rate,
         unroll=unroll, name=name,
+    )
+
+
+@register("lg_fedavg")
+def lg_fed_avg(
+    loss_fn: LossFn,
+    client_optimizer: optax.GradientTransformation | None = None,
+    *,
+    epochs: int = 1,
+    server_optimizer: optax.GradientTransformation | None = None,
+    server_learning_rate: float = 1.0,
+    global_mask: MaskSpec = None,
+    local_keys: str | Sequence[str] | None = None,
+    unroll: int | bool = 1,
+    name: str = "lg_fedavg",
+) -> FederatedAlgorithm:
+    """LG-FedAvg: local representation layers per client, global (averaged) head layers.
+
+    The opposite split of FedPer/FedRep: by default the head (the last ``Dense*`` entry) is
+    global and every other leaf (the representation ``θ^l_i``) is local. Update rule (round
+    ``t``; client ``i`` with its local layers ``θ^l_i`` from ``client_states``, the global
+    layers ``θ^g_t`` from the server): the whole model ``(θ^l_i, θ^g_t)`` is trained jointly
+    with ``client_optimizer`` for ``epochs`` passes over the client's batches; the client
+    keeps its new ``θ^l_i`` and sends only ``θ^g_t - θ^g_i``; the server averages the global
+    layers ``θ^g_{t+1} = θ^g_t - γ Σ p_i (θ^g_t - θ^g_i)`` (``p_i ∝`` cohort weight). Local
+    leaves of the server params never change. Client ``i``'s model is its own representation
+    with the global head (:func:`personal_params` with ``local="body"``).
+
+    Args:
+      loss_fn: mean loss over real examples.
+      client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
+      epochs: passes over the client's batches.
+      server_optimizer: the server optimiser on the mean global-layer delta (default
+        ``fl.server.fed_sgd(server_learning_rate)``).
+      server_learning_rate: ``γ``.
+      global_mask: which leaves are global (see :func:`resolve_global_mask`; ``True`` =
+        averaged).
+      local_keys: alternatively, path substrings of the local leaves (e.g. ``"Dense_0"``).
+      unroll: ``lax.scan`` unroll of the local steps.
+      name: a label for logs and tables.
+
+    Returns:
+      A :class:`~fedjax_lab.FederatedAlgorithm`; needs ``alg.init(params, num_clients=N)``;
+      ``state.client_states`` is the tuple of local leaves (flatten order), each ``[N, ...]``.
+
+    References:
+      Liang, Liu, Ziyin, Allen, Auerbach, Brent, Salakhutdinov & Morency, "Think Locally, Act
+      Globally: Federated Learning with Local and Global Representations", arXiv:2001.01523,
+      2020, Algorithm 1.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from fedjax_lab.algorithms.partial import lg_fed_avg
+      >>> p = {"Dense_0": {"kernel": jnp.ones((2, 3))}, "Dense_1": {"kernel": jnp.ones((3, 2))}}
+      >>> alg = lg_fed_avg(lambda q, b, k: 0.0)
+      >>> [x.shape for x in alg.init(p, num_clients=5).client_states]  # Dense_0 stays local
+      [(5, 2, 3)]
+    """
+    return _partial(
+        loss_fn, client_optimizer, global_mask=global_mask, local_keys=local_keys,
+        head_epochs=None, body_epochs=epochs,
+        server_optimizer=server_optimizer, server_learning_rate=server_learning_rate,
+        unroll=unroll, name=name, local="body",
     )
