@@ -11,6 +11,7 @@ tests/test_validation.py) see every compile. The directory is removed when the s
 
 import os
 import shutil
+import subprocess
 import tempfile
 
 _SHARED_CACHE = os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # hidden from this process
@@ -25,6 +26,20 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Every subprocess a test starts (CLI runs, multi-process runs that are SIGKILLed mid-write)
+# runs in its own session: a signal one of them, or a runtime inside it, sends to its process
+# group can never reach the pytest controller or its xdist workers (a stray SIGINT there ends
+# the worker and is reported as a crash of whichever test it was running).
+_popen_init = subprocess.Popen.__init__
+
+
+def _popen_in_own_session(self, *args, **kwargs):
+    kwargs.setdefault("start_new_session", True)
+    _popen_init(self, *args, **kwargs)
+
+
+subprocess.Popen.__init__ = _popen_in_own_session
 
 import pytest  # noqa: E402
 
