@@ -135,6 +135,8 @@ def np_cos(z, a):
 
 
 def np_moon_step(mu, tau):
+    """``mu``: one weight per client (or a scalar for all)."""
+
     def step(local, glob, i, prev):
         x, y = XS[i], YS[i]
         prev = glob if prev is None else prev  # first participation: the global model
@@ -146,7 +148,7 @@ def np_moon_step(mu, tau):
         c_p, dc_p = np_cos(z, x @ prev["w"])
         sig_g = 1.0 / (1.0 + np.exp((c_p - c_g) / tau))
         dz_con = ((sig_g - 1.0)[:, None] * dc_g + (1.0 - sig_g)[:, None] * dc_p) / tau
-        dz = dz + mu * dz_con / len(y)
+        dz = dz + np.broadcast_to(mu, (len(SIZES),))[i] * dz_con / len(y)
         return {"w": local["w"] - LR * x.T @ dz, "v": local["v"] - LR * dv}
 
     return step
@@ -159,9 +161,9 @@ def moon_params():
 
 
 def test_moon_equals_the_numpy_transcription_with_previous_local_models():
-    mu, tau = 2.0, 0.5
-    alg = fl.algorithms.moon(moon_loss, optax.sgd(LR), mu=mu, temperature=tau,
-                             representation=moon_rep)
+    mu, tau = np.array([2.0, 0.5, 3.0]), 0.5  # per client (a scalar is the same for all)
+    alg = fl.algorithms.moon(moon_loss, optax.sgd(LR), mu=fl.kit.per_client(mu),
+                             temperature=tau, representation=moon_rep)
     state = run(alg, moon_params())
     assert_close(state.params, np_rounds(moon_params(), np_moon_step(mu, tau)),
                  rtol=1e-4, atol=1e-5)

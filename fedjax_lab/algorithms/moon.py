@@ -116,7 +116,7 @@ def moon(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation | None = None,
     *,
-    mu: float = 1.0,
+    mu: float = 1.0,  # or a kit.PerClient
     temperature: float = 0.5,
     representation: Representation | None = None,
     client_learning_rate: float | None = None,
@@ -147,7 +147,7 @@ def moon(
         ``fl.models.classification_loss(model)``.
       client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
       mu: ``μ >= 0``, the weight of the contrastive term (paper: 5 on CIFAR-10, 1 on
-        CIFAR-100 / Tiny-ImageNet).
+        CIFAR-100 / Tiny-ImageNet), or one per client (:func:`fedjax_lab.kit.per_client`).
       temperature: ``τ > 0`` (paper: 0.5).
       representation: ``representation(params, batch) -> f32[B, d]``; default: the features
         of the loss's model (see :func:`representation_of`; the paper's projection head is part
@@ -187,6 +187,7 @@ def moon(
 
     def init(params: Params, num_clients: int | None = None) -> ServerState:
         n = kit.check_num_clients(num_clients)
+        kit.check_per_client(n, mu=mu)
         states = () if n is None else (kit.copies_per_client(params, n), jnp.zeros(n))
         return kit.server_state(params, server_optimizer, aggregator, client_states=states)
 
@@ -195,6 +196,7 @@ def moon(
         w_glob = state.params
         prev_own, participated = client.state
         w_prev = optax.tree.where(participated > 0, prev_own, w_glob)
+        mu_i = kit.for_client(mu, client.client_id)
 
         def con(params, batch):
             z_g = jax.lax.stop_gradient(rep(w_glob, batch))
@@ -205,7 +207,7 @@ def moon(
 
         def correction(grads, params, batch, step_key):
             del step_key
-            return optax.tree.add(grads, optax.tree.scale(mu, con_grad(params, batch))), ()
+            return optax.tree.add(grads, optax.tree.scale(mu_i, con_grad(params, batch))), ()
 
         train = kit.local_training(loss_fn, optimizer, unroll=unroll, correction=correction)
         result = train(w_glob, client.batches, key)
@@ -215,4 +217,4 @@ def moon(
 
     server_update = kit.server_step(server_optimizer)
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
-                              check_data=kit.data_check(loss_fn))
+                              check_data=kit.data_check(loss_fn, mu=mu))
