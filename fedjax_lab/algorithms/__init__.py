@@ -11,7 +11,9 @@ family                 registered names
 FedAvg / FedOpt        ``fedavg``, ``fedadam``, ``fedyogi``, ``fedadagrad``, ``fedavgm``,
                        ``fedprox``
 client drift           ``scaffold``, ``feddyn``, ``fednova``, ``mime``, ``mimelite``,
-                       ``fedavg_momentum``
+                       ``fedavg_momentum``, ``fedsam``
+representation,        ``moon`` (model-contrastive), ``fedlc`` (logit calibration),
+label skew             ``fedbabu`` (body only, head frozen; fine-tune to personalise)
 participation          ``fedau``, ``feddisco``, ``fedbuff``
 personalisation        ``ditto``, ``pfedme``, ``fedrep``, ``fedper``, ``perfedavg``, ``apfl``,
                        ``lg_fedavg``
@@ -46,14 +48,18 @@ from fedjax_lab.algorithms.dp_fedavg import dp_fed_avg
 from fedjax_lab.algorithms.dp_ftrl import FTRLServerState, dp_ftrl
 from fedjax_lab.algorithms.fedau import fed_au
 from fedjax_lab.algorithms.fedavg import fed_adagrad, fed_adam, fed_avg, fed_avgm, fed_opt, fed_yogi
+from fedjax_lab.algorithms.fedbabu import fed_babu
 from fedjax_lab.algorithms.fedbuff import fed_buff
 from fedjax_lab.algorithms.feddisco import fed_disco
 from fedjax_lab.algorithms.feddyn import fed_dyn
+from fedjax_lab.algorithms.fedlc import fed_lc
 from fedjax_lab.algorithms.fednova import fed_nova
 from fedjax_lab.algorithms.fedprox import fed_prox
+from fedjax_lab.algorithms.fedsam import fed_sam
 from fedjax_lab.algorithms.ifca import ifca
 from fedjax_lab.algorithms.mime import mime, mime_lite
 from fedjax_lab.algorithms.momentum import fed_avg_momentum
+from fedjax_lab.algorithms.moon import moon
 from fedjax_lab.algorithms.partial import fed_per, fed_rep, lg_fed_avg
 from fedjax_lab.algorithms.perfedavg import per_fedavg
 from fedjax_lab.algorithms.pfedme import pfedme
@@ -75,19 +81,23 @@ __all__ = [
     "fed_avg_qsgd",
     "fed_avg_topk",
     "fed_avgm",
+    "fed_babu",
     "fed_buff",
     "fed_disco",
     "fed_dyn",
+    "fed_lc",
     "fed_nova",
     "fed_opt",
     "fed_per",
     "fed_prox",
     "fed_rep",
+    "fed_sam",
     "fed_yogi",
     "ifca",
     "lg_fed_avg",
     "mime",
     "mime_lite",
+    "moon",
     "per_fedavg",
     "pfedme",
     "q_fedavg",

@@ -47,11 +47,18 @@ class Model(NamedTuple):
       spec: what the model expects of the data (:class:`ModelSpec`), set by the zoo's
         factories and read by :func:`check_data`; ``None`` when unknown (then
         :func:`check_data` finds the number of classes by tracing ``apply`` once).
+      features: ``features(params, x, *, key=None, train=False) -> f32[B, d]``, the
+        representation (penultimate-layer features: the input of the output layer) that
+        representation-level methods such as MOON contrast; ``None`` when the model does not
+        expose one. :func:`from_flax` sets it; a Linen module provides it by calling
+        ``self.sow("intermediates", "features", h)`` on ``h`` (the zoo's MLP, CNN and ResNet
+        do), and calling it on a module that sows nothing raises ``ValueError``.
     """
 
     init: Callable[[PRNGKey], Params]
     apply: Callable[..., jax.Array]
     spec: ModelSpec | None = None
+    features: Callable[..., jax.Array] | None = None
 
 
 def _mode_kwarg(fn: Callable) -> str | None:
@@ -84,6 +91,11 @@ def from_flax(module: Any, example_input: Any, *, spec: ModelSpec | None = None)
 
     Mutable collections (BatchNorm's ``batch_stats``) are refused: federated clients do not share
     batch statistics; use GroupNorm/LayerNorm.
+
+    ``features(params, x, *, key=None, train=False)`` runs the same forward pass and returns
+    what the module sowed as ``self.sow("intermediates", "features", h)`` (its representation,
+    read by MOON); a module that sows nothing makes it raise ``ValueError``. Sowing changes
+    nothing else: ``apply`` never collects intermediates.
 
     Args:
       module: a ``flax.linen.Module`` instance.
@@ -129,7 +141,23 @@ def from_flax(module: Any, example_input: Any, *, spec: ModelSpec | None = None)
         rngs = {"dropout": key} if key is not None else None
         return module.apply({"params": params}, x, rngs=rngs, **_mode_kwargs(mode, train))
 
-    return Model(init=init, apply=apply, spec=spec)
+    def features(
+        params: Params, x: jax.Array, *, key: PRNGKey | None = None, train: bool = False
+    ) -> jax.Array:
+        rngs = {"dropout": key} if key is not None else None
+        _, sown = module.apply({"params": params}, x, rngs=rngs, mutable=["intermediates"],
+                               **_mode_kwargs(mode, train))
+        found = sown.get("intermediates", {}).get("features")
+        if not found:
+            raise ValueError(
+                f"model: the module {type(module).__name__} exposes no representation; call "
+                'self.sow("intermediates", "features", h) on its penultimate features h in '
+                "__call__ (as the zoo's mlp, cnn and resnet do), or pass representation= to "
+                "the algorithm."
+            )
+        return found[-1]
+
+    return Model(init=init, apply=apply, spec=spec, features=features)
 
 
 def from_nnx(module: Any) -> Model:
@@ -378,6 +406,8 @@ def classification_loss(model: Model, *, pad_id: int | None = None) -> LossFn:
       ``loss_fn(params, batch, key) -> f32[]``; ``batch`` holds ``"x"``, ``"y"``, ``"mask"``.
       ``loss_fn.check_data(data)`` checks a :class:`~fedjax_lab.data.FederatedData` against
       the model and ``pad_id`` on the host (see :func:`check_data`); call it before compiling.
+      ``loss_fn.model`` and ``loss_fn.pad_id`` are the arguments, for algorithms that need the
+      model's logits or features (``fl.algorithms.fed_lc``, ``fl.algorithms.moon``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -401,6 +431,8 @@ def classification_loss(model: Model, *, pad_id: int | None = None) -> LossFn:
     loss_fn.check_data = functools.partial(
         _check_model_data, model, pad_id=pad_id, needed_by="classification_loss"
     )
+    loss_fn.model = model  # read by algorithms that need logits or features (FedLC, MOON)
+    loss_fn.pad_id = pad_id
     return loss_fn
 
 

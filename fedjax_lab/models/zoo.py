@@ -139,6 +139,7 @@ class _MLP(nn.Module):
         x = x.reshape((x.shape[0], -1)).astype(_input_dtype(self.dtype))
         for h in self.hidden:
             x = nn.relu(nn.Dense(h, dtype=self.dtype)(x))
+        self.sow("intermediates", "features", _f32(x))  # Model.features (MOON)
         return _f32(nn.Dense(self.num_classes, dtype=self.dtype)(x))
 
 
@@ -230,6 +231,7 @@ class _CNN(nn.Module):
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x))
         x = nn.Dropout(self.dropout[1], deterministic=not train)(x)
+        self.sow("intermediates", "features", _f32(x))  # Model.features (MOON)
         return _f32(nn.Dense(self.num_classes, dtype=self.dtype)(x))
 
 
@@ -417,6 +419,7 @@ class _ResNet(nn.Module):
             for j in range(n):
                 x = _ResBlock(self.width * 2**i, self.groups, i > 0 and j == 0, self.conv)(x)
         x = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "features", x)  # Model.features (MOON)
         return nn.Dense(self.num_classes)(x)
 
 
