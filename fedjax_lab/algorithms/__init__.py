@@ -13,7 +13,8 @@ FedAvg / FedOpt        ``fedavg``, ``fedadam``, ``fedyogi``, ``fedadagrad``, ``f
 client drift           ``scaffold``, ``feddyn``, ``fednova``, ``mime``, ``mimelite``,
                        ``fedavg_momentum``
 participation          ``fedau``, ``feddisco``, ``fedbuff``
-personalisation        ``ditto``, ``pfedme``, ``fedrep``, ``fedper``, ``perfedavg``
+personalisation        ``ditto``, ``pfedme``, ``fedrep``, ``fedper``, ``perfedavg``, ``fedbn``
+                       (BatchNorm layers kept local)
 fairness               ``qffl``
 privacy, robustness,   ``dp_fedavg``, ``robust_fedavg``, ``fedavg_topk``, ``fedavg_qsgd`` (FedAvg
 compression            composed with :func:`with_privacy`, :func:`with_aggregator`,
@@ -50,7 +51,7 @@ from fedjax_lab.algorithms.fednova import fed_nova
 from fedjax_lab.algorithms.fedprox import fed_prox
 from fedjax_lab.algorithms.mime import mime, mime_lite
 from fedjax_lab.algorithms.momentum import fed_avg_momentum
-from fedjax_lab.algorithms.partial import fed_per, fed_rep
+from fedjax_lab.algorithms.partial import batch_norm_mask, fed_bn, fed_per, fed_rep
 from fedjax_lab.algorithms.perfedavg import per_fedavg
 from fedjax_lab.algorithms.pfedme import pfedme
 from fedjax_lab.algorithms.qffl import q_fedavg
@@ -59,6 +60,7 @@ from fedjax_lab.algorithms.scaffold import scaffold
 __all__ = [
     "REGISTRY",
     "FTRLServerState",
+    "batch_norm_mask",
     "ditto",
     "dp_fed_avg",
     "dp_ftrl",
@@ -70,6 +72,7 @@ __all__ = [
     "fed_avg_qsgd",
     "fed_avg_topk",
     "fed_avgm",
+    "fed_bn",
     "fed_buff",
     "fed_disco",
     "fed_dyn",
