@@ -193,6 +193,17 @@ def local_training(
     * local momentum is an optax transformation in front of the optimiser
       (``optax.chain(optax.trace(ρ), optimizer)``, FedNova's momentum variant).
 
+    Stateful models (BatchNorm): when ``loss_fn`` has a ``with_state(params, batch, key) ->
+    (loss, new_state)`` attribute (``fl.models.classification_loss`` of a model with
+    :attr:`~fedjax_lab.models.Model.train_apply`), the params are the variables dict
+    ``{"params": ..., "batch_stats": ...}``; each real step takes the gradient of the loss,
+    zeroes its entries for the collections in ``new_state`` (so no optimiser transformation,
+    weight decay included, touches them), steps the params with the optimiser and then
+    replaces those collections by ``new_state``, the statistics of that step's forward pass.
+    Padding steps change nothing, statistics included. A loss without ``with_state`` (every
+    stateless model) runs exactly as before; so does any algorithm that calls ``loss_fn``
+    directly (outside this loop), which then sees the statistics as constants.
+
     Args:
       loss_fn: ``loss_fn(params, batch, key) -> scalar``, the mean loss over the batch's real
         examples.
