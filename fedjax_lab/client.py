@@ -193,6 +193,17 @@ def local_training(
     * local momentum is an optax transformation in front of the optimiser
       (``optax.chain(optax.trace(ρ), optimizer)``, FedNova's momentum variant).
 
+    Stateful models (BatchNorm): when ``loss_fn`` has a ``with_state(params, batch, key) ->
+    (loss, new_state)`` attribute (``fl.models.classification_loss`` of a model with
+    :attr:`~fedjax_lab.models.Model.train_apply`), the params are the variables dict
+    ``{"params": ..., "batch_stats": ...}``; each real step takes the gradient of the loss,
+    zeroes its entries for the collections in ``new_state`` (so no optimiser transformation,
+    weight decay included, touches them), steps the params with the optimiser and then
+    replaces those collections by ``new_state``, the statistics of that step's forward pass.
+    Padding steps change nothing, statistics included. A loss without ``with_state`` (every
+    stateless model) runs exactly as before; so does any algorithm that calls ``loss_fn``
+    directly (outside this loop), which then sees the statistics as constants.
+
     Args:
       loss_fn: ``loss_fn(params, batch, key) -> scalar``, the mean loss over the batch's real
         examples.
@@ -218,13 +229,29 @@ def local_training(
       (0.36, 2)
     """
     _check_loss_and_optimizer(loss_fn, optimizer)
+    state_fn = getattr(loss_fn, "with_state", None)
 
-    def objective(params, batch, key, anchor):
-        data_loss = loss_fn(params, batch, key)
-        total = data_loss if regularizer is None else data_loss + regularizer(params, anchor)
-        return total, data_loss
+    if state_fn is None:
+        def objective(params, batch, key, anchor):
+            data_loss = loss_fn(params, batch, key)
+            total = data_loss if regularizer is None else data_loss + regularizer(params, anchor)
+            return total, data_loss
+    else:  # a stateful model: the aux also carries the updated non-trainable collections
+        def objective(params, batch, key, anchor):
+            data_loss, new_state = state_fn(params, batch, key)
+            total = data_loss if regularizer is None else data_loss + regularizer(params, anchor)
+            return total, (data_loss, new_state)
 
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    value_and_grad = jax.value_and_grad(objective, has_aux=True)
+
+    def grad_fn(params, batch, key, anchor):
+        """``((total, data_loss), grads, new_state)``; ``new_state`` is ``None`` if stateless."""
+        if state_fn is None:
+            (total, data_loss), grads = value_and_grad(params, batch, key, anchor)
+            return (total, data_loss), grads, None
+        (total, (data_loss, new_state)), grads = value_and_grad(params, batch, key, anchor)
+        _check_state(params, new_state)
+        return (total, data_loss), _without_state_grads(grads, new_state), new_state
 
     def train(
         params: Params,
@@ -252,12 +279,15 @@ def local_training(
             stats_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stat_shape)
 
         def step(params, opt_state, batch, step_key):
-            (_, data_loss), grads = grad_fn(params, batch, step_key, anchor)
+            (_, data_loss), grads, new_state = grad_fn(params, batch, step_key, anchor)
             stat = ()
             if correction is not None:
                 grads, stat = correction(grads, params, batch, step_key)
             updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, data_loss, stat
+            new_params = optax.apply_updates(params, updates)
+            if new_state is not None:  # the statistics of this step's forward pass
+                new_params = {**new_params, **new_state}
+            return new_params, opt_state, data_loss, stat
 
         start = optimizer.init(params) if opt_state is None else opt_state
         return local_loop(
@@ -266,6 +296,25 @@ def local_training(
         )
 
     return train
+
+
+def _check_state(params: Params, new_state: PyTree) -> None:
+    if not (isinstance(new_state, dict) and isinstance(params, dict)
+            and all(k in params and k != "params" for k in new_state)):
+        have = sorted(params) if isinstance(params, dict) else type(params).__name__
+        got = sorted(new_state) if isinstance(new_state, dict) else type(new_state).__name__
+        raise ValueError(
+            f"loss_fn: its with_state returns the collections {got}, which must be entries "
+            f"(other than 'params') of the params dict; the params have {have}. A stateful "
+            "model's params are its variables {'params': ..., 'batch_stats': ...}."
+        )
+
+
+def _without_state_grads(grads: PyTree, new_state: dict) -> PyTree:
+    """The gradient with zeros for the non-trainable collections (they are replaced, not
+    stepped, so no optimiser transformation such as weight decay ever moves them)."""
+    return {k: jax.tree.map(jnp.zeros_like, g) if k in new_state else g
+            for k, g in grads.items()}
 
 
 def step_budget(batches: Batch, max_steps: jax.Array | int | None) -> jax.Array | None:

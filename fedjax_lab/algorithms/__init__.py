@@ -16,7 +16,7 @@ representation,        ``moon`` (model-contrastive), ``fedlc`` (logit calibratio
 label skew             ``fedbabu`` (body only, head frozen; fine-tune to personalise)
 participation          ``fedau``, ``feddisco``, ``fedbuff``
 personalisation        ``ditto``, ``pfedme``, ``fedrep``, ``fedper``, ``perfedavg``, ``apfl``,
-                       ``lg_fedavg``
+                       ``lg_fedavg``, ``fedbn`` (BatchNorm layers kept local)
 clustering             ``ifca``
 fairness               ``qffl``
 privacy, robustness,   ``dp_fedavg``, ``robust_fedavg``, ``fedavg_topk``, ``fedavg_qsgd`` (FedAvg
@@ -60,7 +60,7 @@ from fedjax_lab.algorithms.ifca import ifca
 from fedjax_lab.algorithms.mime import mime, mime_lite
 from fedjax_lab.algorithms.momentum import fed_avg_momentum
 from fedjax_lab.algorithms.moon import moon
-from fedjax_lab.algorithms.partial import fed_per, fed_rep, lg_fed_avg
+from fedjax_lab.algorithms.partial import batch_norm_mask, fed_bn, fed_per, fed_rep, lg_fed_avg
 from fedjax_lab.algorithms.perfedavg import per_fedavg
 from fedjax_lab.algorithms.pfedme import pfedme
 from fedjax_lab.algorithms.qffl import q_fedavg
@@ -70,6 +70,7 @@ __all__ = [
     "REGISTRY",
     "FTRLServerState",
     "apfl",
+    "batch_norm_mask",
     "ditto",
     "dp_fed_avg",
     "dp_ftrl",
@@ -82,6 +83,7 @@ __all__ = [
     "fed_avg_topk",
     "fed_avgm",
     "fed_babu",
+    "fed_bn",
     "fed_buff",
     "fed_disco",
     "fed_dyn",

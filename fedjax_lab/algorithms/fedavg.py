@@ -4,6 +4,12 @@ FedOpt (Reddi et al., ICLR 2021, Algorithm 1) generalises FedAvg (McMahan et al.
 each client trains locally from the server model ``x`` and sends ``Δ_i = x - x_i``; the server
 feeds the weighted mean ``g = Σ p_i Δ_i`` (a pseudo-gradient) to an unmodified optax optimiser.
 FedAvg is the special case ``server_optimizer = fed_sgd(1.0)``: ``x <- x - g = Σ p_i x_i``.
+
+A stateful model's BatchNorm statistics are part of its params (``{"params", "batch_stats"}``,
+see :class:`fedjax_lab.models.Model`): each client's local training updates them, and FedAvg
+sets the server's to the weighted mean ``Σ p_i s_i`` of the clients' (plain FedAvg over a
+BatchNorm model); any other server optimiser moves them by the mean delta like every other
+entry. :func:`fedjax_lab.algorithms.fed_bn` keeps them on the clients instead.
 """
 
 from __future__ import annotations

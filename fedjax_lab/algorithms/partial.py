@@ -1,5 +1,5 @@
-"""Partial model sharing: FedPer (Arivazhagan et al. 2019), FedRep (Collins et al. 2021) and
-LG-FedAvg (Liang et al. 2020).
+"""Partial model sharing: FedPer (Arivazhagan et al. 2019), FedRep (Collins et al. 2021),
+LG-FedAvg (Liang et al. 2020) and FedBN (Li et al. 2021).
 
 The model is split into *global* leaves (the shared body / representation), averaged by the
 server, and *local* leaves (the personal head), which stay on their client in
@@ -8,7 +8,8 @@ shaped like the params (``True`` = global), given directly, computed by a functi
 params, chosen by path names (``local_keys``), or by default: the last top-level entry of the
 params (the output layer of the zoo's MLP/CNN, e.g. ``Dense_1``) is local. LG-FedAvg is the
 opposite split (``local="body"``): the local representation layers stay on their client and the
-head is averaged.
+head is averaged. FedBN is FedPer with the BatchNorm layers (their scale/bias and their
+running statistics) as the local part (:func:`batch_norm_mask`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from fedjax_lab._types import (
 from fedjax_lab.algorithms._registry import register
 
 __all__ = [
+    "batch_norm_mask",
+    "fed_bn",
     "fed_per",
     "fed_rep",
     "lg_fed_avg",
@@ -215,6 +218,7 @@ def _partial(
     unroll: int | bool,
     name: str,
     local: str = "head",
+    all_global_ok: bool = False,
 ) -> FederatedAlgorithm:
     kit.check_loss_fn(loss_fn)
     kit.check_count("head_epochs", head_epochs, optional=True)
@@ -224,11 +228,16 @@ def _partial(
     aggregator = aggregators_lib.weighted_mean()
     joint = kit.local_training(loss_fn, client_optimizer, unroll=unroll)
 
+    def mask_of(params: Params) -> PyTree:
+        if all_global_ok:  # FedBN on a model without BatchNorm: nothing local, i.e. FedAvg
+            return global_mask(params)
+        return resolve_global_mask(params, global_mask, local_keys, local=local)
+
     def init(params: Params, num_clients: int | None = None) -> ServerState:
         n = kit.check_num_clients(num_clients)
-        mask = resolve_global_mask(params, global_mask, local_keys, local=local)
+        mask = mask_of(params)
         _, loc = split(params, mask)
-        heads = () if n is None else tuple(kit.copies_per_client(tuple(loc), n))
+        heads = () if n is None or not loc else tuple(kit.copies_per_client(tuple(loc), n))
         return kit.server_state(params, server_optimizer, aggregator, client_states=heads)
 
     def repeat(batches, times):
@@ -237,8 +246,9 @@ def _partial(
         )
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
-        kit.require_client_state(client.state, name)
-        mask = resolve_global_mask(state.params, global_mask, local_keys, local=local)
+        mask = mask_of(state.params)
+        if not all(jax.tree.leaves(mask)):
+            kit.require_client_state(client.state, name)
         w = state.params
         own = list(client.state)
         if head_epochs is None:  # FedPer: body and head trained together
@@ -397,6 +407,140 @@ def fed_per(
         head_epochs=None, body_epochs=epochs,
         server_optimizer=server_optimizer, server_learning_rate=server_learning_rate,
         unroll=unroll, name=name,
+    )
+
+
+def _batch_norm_keys(local_keys: Any) -> tuple[str, ...]:
+    if isinstance(local_keys, str):
+        keys = (local_keys,)
+    elif isinstance(local_keys, (list, tuple)):
+        keys = tuple(local_keys)
+    else:
+        keys = ()
+    if not keys or not all(isinstance(k, str) and k for k in keys):
+        raise ValueError(
+            f"local_keys: expected a non-empty path substring such as 'BatchNorm' (or a list of "
+            f"them), got {local_keys!r}."
+        )
+    return keys
+
+
+def batch_norm_mask(
+    params: Params, local_keys: str | Sequence[str] = "BatchNorm", *, strict: bool = True
+) -> PyTree:
+    """FedBN's split: ``False`` (local) for the BatchNorm layers, ``True`` (global) elsewhere.
+
+    A leaf is local when it belongs to a non-trainable collection of a stateful model's
+    variables (any top-level entry other than ``"params"``, e.g. ``batch_stats``: the running
+    mean and variance) or when its path (``jax.tree_util.keystr``) contains one of
+    ``local_keys`` (Flax Linen names BatchNorm layers ``BatchNorm_0``, ``BatchNorm_1``, ..., so
+    the default also catches their ``scale`` and ``bias``).
+
+    Args:
+      params: the model params (for a stateful model the dict ``{"params", "batch_stats"}``).
+      local_keys: path substrings of the BatchNorm layers' trainable leaves.
+      strict: raise ``ValueError`` when no leaf is local (no BatchNorm found); ``False``:
+        return the all-``True`` mask.
+
+    Returns:
+      The mask pytree (Python bools), for ``global_mask=`` of :func:`personal_params`.
+
+    Example:
+      >>> import jax, fedjax_lab as fl
+      >>> model = fl.models.mlp((4,), hidden=(3,), num_classes=2, batch_norm=True)
+      >>> mask = batch_norm_mask(model.init(jax.random.key(0)))
+      >>> mask["batch_stats"]["BatchNorm_0"]["mean"], mask["params"]["BatchNorm_0"]["scale"]
+      (False, False)
+      >>> mask["params"]["Dense_0"]["kernel"]
+      True
+    """
+    keys = _batch_norm_keys(local_keys)
+    stateful = isinstance(params, dict) and "params" in params and len(params) > 1
+
+    def is_global(kp, _):
+        top = getattr(kp[0], "key", None) if kp else None
+        if stateful and top != "params":
+            return False
+        return not any(k in jax.tree_util.keystr(kp) for k in keys)
+
+    mask = jax.tree_util.tree_map_with_path(is_global, params)
+    if strict and all(jax.tree.leaves(mask)):
+        raise ValueError(
+            f"params: FedBN found no BatchNorm layer (no non-trainable collection such as "
+            f"batch_stats, no path containing {list(keys)}); build the model with BatchNorm "
+            "(e.g. fl.models.mlp(..., batch_norm=True)), pass local_keys= naming its "
+            "BatchNorm layers, or use fedavg."
+        )
+    return mask
+
+
+@register("fedbn")
+def fed_bn(
+    loss_fn: LossFn,
+    client_optimizer: optax.GradientTransformation | None = None,
+    *,
+    epochs: int = 1,
+    local_keys: str | Sequence[str] = "BatchNorm",
+    server_optimizer: optax.GradientTransformation | None = None,
+    server_learning_rate: float = 1.0,
+    unroll: int | bool = 1,
+    name: str = "fedbn",
+) -> FederatedAlgorithm:
+    """FedBN: FedAvg on everything but the BatchNorm layers, which stay local to each client.
+
+    Update rule (round ``t``; client ``i`` keeps its BatchNorm scale/bias ``β_i`` and running
+    statistics ``s_i`` in ``client_states``, initialised from the global model):
+
+    * client ``i`` trains ``(φ_t, β_i, s_i)`` for ``epochs`` passes over its batches with
+      ``client_optimizer`` (the statistics follow each step's batch, see
+      :func:`fedjax_lab.client.local_training`), keeps its new ``β_i, s_i`` and sends only the
+      non-BatchNorm delta ``φ_t - φ_i``;
+    * server: ``φ_{t+1} = φ_t - γ Σ p_i (φ_t - φ_i)``; the server's BatchNorm entries never
+      change (their delta is 0).
+
+    Evaluate each client with its own BatchNorm layers: ``personal_params(state,
+    global_mask=batch_norm_mask)`` (:func:`personal_params`) feeds
+    :func:`fedjax_lab.personalization.evaluate_personalized`. Plain FedAvg on the same model
+    averages the statistics instead (weighted by the clients' weights). On a model without
+    BatchNorm (nothing matches :func:`batch_norm_mask`) nothing is local and FedBN is FedAvg
+    (no per-client state).
+
+    Args:
+      loss_fn: mean loss over real examples; for the statistics to be trained, the loss of a
+        stateful model (``fl.models.classification_loss(model)`` of a BatchNorm model).
+      client_optimizer: optax client optimiser (default ``optax.sgd(0.1)``).
+      epochs: passes over the client's batches.
+      local_keys: path substrings of the BatchNorm layers' trainable leaves (see
+        :func:`batch_norm_mask`); the non-trainable collections are always local.
+      server_optimizer: the server optimiser on the mean non-BatchNorm delta (default
+        ``fl.server.fed_sgd(server_learning_rate)``).
+      server_learning_rate: ``γ``.
+      unroll: ``lax.scan`` unroll of the local steps.
+      name: a label for logs and tables.
+
+    Returns:
+      A :class:`~fedjax_lab.FederatedAlgorithm`; needs ``alg.init(params, num_clients=N)``;
+      ``state.client_states`` is the tuple of BatchNorm leaves (flatten order), each
+      ``[N, ...]``.
+
+    References:
+      Li, Jiang, Zhang, Kamp & Dou, "FedBN: Federated Learning on Non-IID Features via Local
+      Batch Normalization", ICLR 2021.
+
+    Example:
+      >>> import jax, fedjax_lab as fl
+      >>> model = fl.models.mlp((4,), hidden=(3,), num_classes=2, batch_norm=True)
+      >>> alg = fed_bn(fl.models.classification_loss(model))
+      >>> state = alg.init(model.init(jax.random.key(0)), num_clients=5)
+      >>> [x.shape for x in state.client_states]  # mean, var, bias, scale
+      [(5, 3), (5, 3), (5, 3), (5, 3)]
+    """
+    keys = _batch_norm_keys(local_keys)  # refused before anything is traced
+    return _partial(
+        loss_fn, client_optimizer, global_mask=lambda p: batch_norm_mask(p, keys, strict=False),
+        local_keys=None, head_epochs=None, body_epochs=epochs,
+        server_optimizer=server_optimizer, server_learning_rate=server_learning_rate,
+        unroll=unroll, name=name, all_global_ok=True,
     )
 
 

@@ -1,7 +1,9 @@
 """Models as pure ``(init, apply)`` pairs: Flax adapters, the benchmark zoo, losses, convolutions.
 
 A :class:`Model` is ``init(key) -> params`` and ``apply(params, x, *, key=None, train=False)``
-for ONE batch ``x`` ``[B, ...]``; the engine sees only the params pytree.
+for ONE batch ``x`` ``[B, ...]``; the engine sees only the params pytree. A model with BatchNorm
+is stateful: its params are ``{"params": ..., "batch_stats": ...}`` and ``Model.train_apply``
+returns the updated statistics, which local training threads through its steps.
 
 Example:
   >>> import jax, jax.numpy as jnp

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -39,11 +39,21 @@ class ModelSpec(NamedTuple):
 class Model(NamedTuple):
     """A model as two pure functions; the engine only ever sees the params pytree.
 
+    A STATEFUL model (one with BatchNorm) also carries non-trainable collections: its params
+    are the Flax variables dict ``{"params": trainable, "batch_stats": running statistics}``
+    and ``train_apply`` is set. Everything else sees that dict as ordinary params (the
+    aggregators average it, checkpoints save it); only the local loop treats it specially,
+    through the loss's ``with_state`` (see :func:`classification_loss` and
+    :func:`fedjax_lab.client.local_training`): gradients step the ``"params"`` entry and the
+    other collections are replaced by the ones the training-mode forward pass returns.
+
     Attributes:
       init: ``init(key) -> params``, a pytree of arrays.
       apply: ``apply(params, x, *, key=None, train=False) -> logits`` for ONE batch ``x``
         (``[B, ...]``, no client axis: a client map adds that). ``key`` feeds stochastic layers
-        (dropout) and is used only when ``train=True``.
+        (dropout) and is used only when ``train=True``. A stateful model's ``apply`` uses the
+        running statistics with ``train=False`` (evaluation) and discards the updated ones
+        with ``train=True``.
       spec: what the model expects of the data (:class:`ModelSpec`), set by the zoo's
         factories and read by :func:`check_data`; ``None`` when unknown (then
         :func:`check_data` finds the number of classes by tracing ``apply`` once).
@@ -53,12 +63,19 @@ class Model(NamedTuple):
         expose one. :func:`from_flax` sets it; a Linen module provides it by calling
         ``self.sow("intermediates", "features", h)`` on ``h`` (the zoo's MLP, CNN and ResNet
         do), and calling it on a module that sows nothing raises ``ValueError``.
+      train_apply: ``None`` for a stateless model (every model without BatchNorm). For a
+        stateful one, ``train_apply(params, x, *, key=None, mask=None) -> (logits,
+        new_state)``: the training-mode forward pass, ``new_state`` the updated
+        non-trainable collections (``{"batch_stats": ...}``); ``mask`` (``f32[B]``, 1 = real
+        example) keeps padding examples out of the batch statistics when the module's
+        ``__call__`` takes a ``mask`` argument (see :func:`from_flax`).
     """
 
     init: Callable[[PRNGKey], Params]
     apply: Callable[..., jax.Array]
     spec: ModelSpec | None = None
     features: Callable[..., jax.Array] | None = None
+    train_apply: Callable[..., tuple[jax.Array, dict[str, Any]]] | None = None
 
 
 def _mode_kwarg(fn: Callable) -> str | None:
@@ -81,6 +98,56 @@ def _mode_kwargs(name: str | None, train: bool) -> dict[str, bool]:
     return {}
 
 
+def _takes(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+        return False
+
+
+def _check_state_params(params: Any, collections: Sequence[str]) -> None:
+    """A stateful model's params must be its variables dict (trace time only)."""
+    if not (isinstance(params, dict) and "params" in params
+            and all(c in params for c in collections)):
+        have = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(
+            f"params: this model carries the non-trainable collections {list(collections)} "
+            "(BatchNorm statistics), so its params are the dict {'params': ..., "
+            + ", ".join(f"{c!r}: ..." for c in collections)
+            + f"}} that model.init(key) returns; got {have}."
+        )
+
+
+_STATE_COLLECTIONS: dict[tuple, list[str]] = {}
+
+
+def _flax_state_collections(module: Any, example_input: Any, mode: str | None) -> list[str]:
+    """The variable collections of ``module`` besides ``"params"``, read off a shape-only trace
+    (cached per module and input shape: the zoo builds the same modules many times)."""
+    key = (module, np.shape(example_input), str(np.asarray(example_input).dtype), mode)
+    try:
+        hit = _STATE_COLLECTIONS.get(key)
+    except TypeError:  # an unhashable module: not cached
+        key, hit = None, None
+    if hit is None:
+        hit = _trace_state_collections(module, example_input, mode)
+        if key is not None:
+            _STATE_COLLECTIONS[key] = hit
+    return list(hit)
+
+
+def _trace_state_collections(module: Any, example_input: Any, mode: str | None) -> list[str]:
+    def variables():
+        k = jax.random.key(0)
+        return module.init({"params": k, "dropout": k}, example_input, **_mode_kwargs(mode, False))
+
+    try:
+        shapes = jax.eval_shape(variables)
+    except Exception:  # noqa: BLE001 - the module's own error is raised by init, as before
+        return []
+    return sorted(k for k in shapes if k != "params")
+
+
 def from_flax(module: Any, example_input: Any, *, spec: ModelSpec | None = None) -> Model:
     """Wraps a Flax Linen module as a :class:`Model`.
 
@@ -89,8 +156,18 @@ def from_flax(module: Any, example_input: Any, *, spec: ModelSpec | None = None)
     with ``rngs={"dropout": key}`` when a key is given. If ``module.__call__`` takes ``train`` it
     gets ``train=train``; if it takes ``deterministic`` it gets ``deterministic=not train``.
 
-    Mutable collections (BatchNorm's ``batch_stats``) are refused: federated clients do not share
-    batch statistics; use GroupNorm/LayerNorm.
+    Stateful modules (BatchNorm's mutable ``batch_stats`` collection, or any collection besides
+    ``"params"``) must take ``train`` (or ``deterministic``), e.g. ``nn.BatchNorm(
+    use_running_average=not train)``. Then ``init`` returns the whole variables dict
+    ``{"params": ..., "batch_stats": ...}``, ``apply(..., train=False)`` normalises with the
+    running statistics (evaluation) and :attr:`Model.train_apply` runs the module in training
+    mode with the collections mutable, returning ``(logits, {"batch_stats": new})``; if
+    ``module.__call__`` takes ``mask``, ``train_apply`` passes it the real-example mask
+    (``bool[B]``; the module reshapes it for its BatchNorm input, e.g. ``mask[:, None]``, and
+    passes it as ``nn.BatchNorm(...)(x, mask=...)``) so padding stays out of the batch
+    statistics. Whether the module is
+    stateful is read off one shape-only trace of ``module.init`` here (no compile).
+    A stateful module without a ``train``/``deterministic`` argument is refused by ``init``.
 
     ``features(params, x, *, key=None, train=False)`` runs the same forward pass and returns
     what the module sowed as ``self.sow("intermediates", "features", h)`` (its representation,
@@ -103,7 +180,7 @@ def from_flax(module: Any, example_input: Any, *, spec: ModelSpec | None = None)
       spec: what the model expects of the data, for :func:`check_data` (optional).
 
     Returns:
-      A :class:`Model`.
+      A :class:`Model` (``train_apply`` set when the module is stateful).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -112,6 +189,17 @@ def from_flax(module: Any, example_input: Any, *, spec: ModelSpec | None = None)
       >>> params = model.init(jax.random.key(0))
       >>> model.apply(params, jnp.ones((2, 4))).shape
       (2, 3)
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train: bool = False):
+      ...         return nn.Dense(3)(nn.BatchNorm(use_running_average=not train)(x))
+      >>> bn = from_flax(Net(), jnp.zeros((1, 4)))
+      >>> variables = bn.init(jax.random.key(0))
+      >>> sorted(variables), bn.train_apply is not None
+      (['batch_stats', 'params'], True)
+      >>> logits, new = bn.train_apply(variables, jnp.arange(8.0).reshape(2, 4))
+      >>> [round(m, 4) for m in new["batch_stats"]["BatchNorm_0"]["mean"].tolist()]  # 0.01 * mean
+      [0.02, 0.03, 0.04, 0.05]
     """
     import flax.linen as nn
 
@@ -121,6 +209,8 @@ def from_flax(module: Any, example_input: Any, *, spec: ModelSpec | None = None)
             "Flax NNX module use from_nnx."
         )
     mode = _mode_kwarg(type(module).__call__)
+    state = _flax_state_collections(module, example_input, mode) if mode is not None else []
+    takes_mask = _takes(type(module).__call__, "mask")
 
     def init(key: PRNGKey) -> Params:
         pkey, dkey = jax.random.split(key)
@@ -128,25 +218,48 @@ def from_flax(module: Any, example_input: Any, *, spec: ModelSpec | None = None)
             {"params": pkey, "dropout": dkey}, example_input, **_mode_kwargs(mode, False)
         )
         extra = sorted(k for k in variables if k != "params")
-        if extra:
+        if extra and not state:
             raise ValueError(
                 f"module: has variable collections {extra} besides 'params' (e.g. BatchNorm's "
-                "batch_stats); a federated Model must be stateless: use GroupNorm or LayerNorm."
+                "batch_stats) but its __call__ takes no `train` (or `deterministic`) argument, "
+                "so it cannot switch between batch and running statistics; add `train: bool = "
+                "False` and use nn.BatchNorm(use_running_average=not train), or use GroupNorm "
+                "or LayerNorm."
             )
-        return variables.get("params", {})
+        if not state:
+            return variables.get("params", {})
+        return {"params": variables.get("params", {}), **{k: variables[k] for k in state}}
+
+    def train_apply(
+        params: Params, x: jax.Array, *, key: PRNGKey | None = None,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        _check_state_params(params, state)
+        rngs = {"dropout": key} if key is not None else None
+        kwargs = _mode_kwargs(mode, True)
+        if mask is not None and takes_mask:
+            kwargs["mask"] = jnp.asarray(mask) > 0
+        logits, new = module.apply(params, x, rngs=rngs, mutable=list(state), **kwargs)
+        return logits, {k: new[k] for k in state}
 
     def apply(
         params: Params, x: jax.Array, *, key: PRNGKey | None = None, train: bool = False
     ) -> jax.Array:
         rngs = {"dropout": key} if key is not None else None
-        return module.apply({"params": params}, x, rngs=rngs, **_mode_kwargs(mode, train))
+        if not state:
+            return module.apply({"params": params}, x, rngs=rngs, **_mode_kwargs(mode, train))
+        if train:
+            return train_apply(params, x, key=key)[0]
+        _check_state_params(params, state)
+        return module.apply(params, x, rngs=rngs, **_mode_kwargs(mode, False))
 
     def features(
         params: Params, x: jax.Array, *, key: PRNGKey | None = None, train: bool = False
     ) -> jax.Array:
         rngs = {"dropout": key} if key is not None else None
-        _, sown = module.apply({"params": params}, x, rngs=rngs, mutable=["intermediates"],
-                               **_mode_kwargs(mode, train))
+        variables = params if state else {"params": params}
+        _, sown = module.apply(variables, x, rngs=rngs, mutable=["intermediates"],
+                               **_mode_kwargs(mode, False if state else train))
         found = sown.get("intermediates", {}).get("features")
         if not found:
             raise ValueError(
@@ -157,18 +270,27 @@ def from_flax(module: Any, example_input: Any, *, spec: ModelSpec | None = None)
             )
         return found[-1]
 
-    return Model(init=init, apply=apply, spec=spec, features=features)
+    return Model(init=init, apply=apply, spec=spec, features=features,
+                 train_apply=train_apply if state else None)
 
 
 def from_nnx(module: Any) -> Model:
     """Wraps a Flax NNX module, or a factory ``make(rngs) -> module``, as a :class:`Model`.
 
-    The module is split once with ``nnx.split(module, nnx.Param, ...)``: ``params`` is the
-    ``nnx.Param`` state as a pure pytree (an ``nnx.State``) and everything else (RNG streams,
-    constants) stays fixed. ``apply`` rebuilds the module with ``nnx.merge`` on copies of both,
-    sets train/eval mode (``module.train()`` / ``module.eval()``), in training reseeds every RNG
-    stream of the module (``dropout``, ...) from ``key`` (``fold_in(key, i)`` for the i-th
-    stream name in sorted order) and calls it; nothing leaks out, so ``apply`` is pure.
+    The module is split once with ``nnx.split(module, nnx.Param, nnx.BatchStat, ...)``:
+    ``params`` is the ``nnx.Param`` state as a pure pytree (an ``nnx.State``) and everything
+    else (RNG streams, constants) stays fixed. ``apply`` rebuilds the module with ``nnx.merge``
+    on copies of both, sets train/eval mode (``module.train()`` / ``module.eval()``), in training
+    reseeds every RNG stream of the module (``dropout``, ...) from ``key`` (``fold_in(key, i)``
+    for the i-th stream name in sorted order) and calls it; nothing leaks out, so ``apply`` is
+    pure.
+
+    A module with ``nnx.BatchNorm`` (``nnx.BatchStat`` variables) is stateful: ``params`` is
+    ``{"params": Param state, "batch_stats": BatchStat state}``, ``apply(..., train=False)``
+    uses the running statistics and :attr:`Model.train_apply` returns ``(logits,
+    {"batch_stats": the statistics after the training-mode call})``; if the module's
+    ``__call__`` takes ``mask``, it gets the real-example mask ``bool[B]``, as in
+    :func:`from_flax`.
 
     With a factory, ``init(key)`` builds a fresh module from ``nnx.Rngs(key)``; with an instance,
     ``init`` returns the instance's own parameters whatever the key (build it from the seed
@@ -187,12 +309,16 @@ def from_nnx(module: Any) -> Model:
       >>> params = model.init(jax.random.key(0))
       >>> model.apply(params, jnp.ones((2, 4))).shape
       (2, 3)
+      >>> bn = from_nnx(lambda rngs: nnx.BatchNorm(4, rngs=rngs))
+      >>> _, new = bn.train_apply(bn.init(jax.random.key(0)), jnp.arange(8.0).reshape(2, 4))
+      >>> [round(m, 4) for m in new["batch_stats"]["mean"][...].tolist()]  # 0.01 * batch mean
+      [0.02, 0.03, 0.04, 0.05]
     """
     from flax import nnx
 
     if isinstance(module, nnx.Module):
         factory = None
-        graphdef, params0, rest = nnx.split(module, nnx.Param, ...)
+        built = module
     elif callable(module):
         factory = module
         built = factory(nnx.Rngs(0))
@@ -200,38 +326,62 @@ def from_nnx(module: Any) -> Model:
             raise TypeError(
                 f"module: the factory returned {type(built).__name__}, expected an nnx.Module."
             )
-        graphdef, params0, rest = nnx.split(built, nnx.Param, ...)
     else:
         raise TypeError(
             f"module: expected an nnx.Module or a factory make(rngs) -> nnx.Module, got "
             f"{type(module).__name__}; for a Flax Linen module use from_flax."
         )
+    graphdef, params0, stats0, rest = nnx.split(built, nnx.Param, nnx.BatchStat, ...)
+    stateful = bool(jax.tree.leaves(stats0))
+    takes_mask = _takes(type(built).__call__, "mask")
+
+    def as_params(params, stats):
+        return {"params": params, "batch_stats": stats} if stateful else params
 
     def init(key: PRNGKey) -> Params:
         if factory is None:
-            return params0
-        _, params, _ = nnx.split(factory(nnx.Rngs(key)), nnx.Param, ...)
-        return params
+            return as_params(params0, stats0)
+        _, params, stats, _ = nnx.split(factory(nnx.Rngs(key)), nnx.Param, nnx.BatchStat, ...)
+        return as_params(params, stats)
 
-    rng_keys = nnx.state(nnx.merge(graphdef, params0, rest), nnx.RngKey)
+    rng_keys = nnx.state(nnx.merge(graphdef, params0, stats0, rest), nnx.RngKey)
     is_var = lambda v: isinstance(v, nnx.Variable)
     streams = sorted({v.tag for v in jax.tree.leaves(rng_keys, is_leaf=is_var)})
 
-    def apply(
-        params: Params, x: jax.Array, *, key: PRNGKey | None = None, train: bool = False
-    ) -> jax.Array:
+    def run(params, x, key, train, mask=None):
         # Fresh Variable containers: the call may advance RNG counts, never in `rest`.
         copy = lambda tree: jax.tree.map(lambda a: a, tree)
-        m = nnx.merge(graphdef, copy(params), copy(rest))
+        if stateful:
+            _check_state_params(params, ["batch_stats"])
+            m = nnx.merge(graphdef, copy(params["params"]), copy(params["batch_stats"]),
+                          copy(rest))
+        else:
+            m = nnx.merge(graphdef, copy(params), copy(stats0), copy(rest))
         if train:
             m.train()
             if key is not None and streams:
                 nnx.reseed(m, **{t: jax.random.fold_in(key, i) for i, t in enumerate(streams)})
         else:
             m.eval()
-        return m(x)
+        if mask is not None and takes_mask:
+            out = m(x, mask=jnp.asarray(mask) > 0)
+        else:
+            out = m(x)
+        return out, m
 
-    return Model(init=init, apply=apply)
+    def apply(
+        params: Params, x: jax.Array, *, key: PRNGKey | None = None, train: bool = False
+    ) -> jax.Array:
+        return run(params, x, key, train)[0]
+
+    def train_apply(
+        params: Params, x: jax.Array, *, key: PRNGKey | None = None,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        out, m = run(params, x, key, True, mask)
+        return out, {"batch_stats": nnx.state(m, nnx.BatchStat)}
+
+    return Model(init=init, apply=apply, train_apply=train_apply if stateful else None)
 
 
 # ------------------------------------------------------------------ data checks
@@ -408,6 +558,11 @@ def classification_loss(model: Model, *, pad_id: int | None = None) -> LossFn:
       the model and ``pad_id`` on the host (see :func:`check_data`); call it before compiling.
       ``loss_fn.model`` and ``loss_fn.pad_id`` are the arguments, for algorithms that need the
       model's logits or features (``fl.algorithms.fed_lc``, ``fl.algorithms.moon``).
+      For a stateful model (:attr:`Model.train_apply` set, e.g. BatchNorm) the loss also has
+      ``loss_fn.with_state(params, batch, key) -> (loss, new_state)``, the same loss and the
+      updated non-trainable collections (batch statistics over the real examples of
+      ``batch``), which :func:`fedjax_lab.client.local_training` threads through the local
+      steps; ``loss_fn(...)`` itself returns the loss only.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -420,14 +575,26 @@ def classification_loss(model: Model, *, pad_id: int | None = None) -> LossFn:
       1.0986
     """
 
-    def loss_fn(params: Params, batch: Batch, key: PRNGKey) -> jax.Array:
-        logits = model.apply(params, batch["x"], key=key, train=True)
+    def mean_ce(logits: jax.Array, batch: Batch) -> jax.Array:
         w, y = _weights_and_labels(batch, logits, pad_id)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         total = jnp.sum(w)
         safe_total = jnp.where(total > 0, total, 1.0)
         return jnp.sum(jnp.where(w > 0, ce * w, 0.0)) / safe_total
 
+    def with_state(params: Params, batch: Batch, key: PRNGKey) -> tuple[jax.Array, Any]:
+        if "mask" not in batch:
+            raise ValueError('batch: missing "mask" (f32[B], 1 = real example, 0 = padding).')
+        logits, new_state = model.train_apply(params, batch["x"], key=key, mask=batch["mask"])
+        return mean_ce(logits, batch), new_state
+
+    def loss_fn(params: Params, batch: Batch, key: PRNGKey) -> jax.Array:
+        if model.train_apply is not None:
+            return with_state(params, batch, key)[0]
+        return mean_ce(model.apply(params, batch["x"], key=key, train=True), batch)
+
+    if model.train_apply is not None:
+        loss_fn.with_state = with_state
     loss_fn.check_data = functools.partial(
         _check_model_data, model, pad_id=pad_id, needed_by="classification_loss"
     )
@@ -444,7 +611,8 @@ def classification_metrics(
     Over real positions ``p`` (weights ``w_p`` as in :func:`classification_loss`):
     ``loss_sum = sum_p w_p CE_p``, ``num_correct = sum_p w_p [argmax logits_p == y_p]``,
     ``num_examples = sum_p w_p`` (real positions for sequence models). Accuracy is
-    ``num_correct / num_examples``. The model runs with ``train=False``.
+    ``num_correct / num_examples``. The model runs with ``train=False`` (a stateful model
+    normalises with its running statistics, :attr:`Model.train_apply`).
 
     Args:
       model: a :class:`Model` whose ``apply`` returns logits ``[B, ..., num_classes]``.

@@ -143,6 +143,26 @@ class _MLP(nn.Module):
         return _f32(nn.Dense(self.num_classes, dtype=self.dtype)(x))
 
 
+class _BatchNormMLP(nn.Module):
+    """``_MLP`` with BatchNorm after every hidden Dense layer (before the ReLU)."""
+
+    hidden: tuple[int, ...]
+    num_classes: int
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, train: bool = False, mask: jax.Array | None = None
+    ) -> jax.Array:
+        x = x.reshape((x.shape[0], -1)).astype(_input_dtype(self.dtype))
+        rows = None if mask is None else jnp.reshape(mask, (-1, 1))  # real examples only
+        for h in self.hidden:
+            x = nn.Dense(h, dtype=self.dtype)(x)
+            x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x, mask=rows)
+            x = nn.relu(x)
+        return _f32(nn.Dense(self.num_classes, dtype=self.dtype)(x))
+
+
 def logistic_regression(
     input_shape: Sequence[int], num_classes: int, *, dtype: str = "float32"
 ) -> Model:
@@ -176,10 +196,18 @@ def mlp(
     num_classes: int = 10,
     *,
     dtype: str = "float32",
+    batch_norm: bool = False,
 ) -> Model:
     """Fully connected ReLU network on the flattened input.
 
     The default ``mlp((28, 28), (200, 200), 10)`` is the 784-200-200-10 "2NN" of McMahan et al.
+
+    ``batch_norm=True`` puts a BatchNorm layer (``flax.linen.BatchNorm``, momentum 0.99,
+    statistics over the real examples of each batch) between every hidden Dense layer and its
+    ReLU. The model is then stateful (:attr:`fedjax_lab.models.Model.train_apply`): its params
+    are ``{"params": ..., "batch_stats": ...}``, evaluation uses the running statistics; FedAvg
+    averages the statistics with the weights, FedBN (:func:`fedjax_lab.algorithms.fed_bn`)
+    keeps the BatchNorm layers on each client.
 
     Args:
       input_shape: shape of one example (flattened by the model).
@@ -187,6 +215,7 @@ def mlp(
       num_classes: number of classes.
       dtype: compute dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (mixed precision:
         params stay float32, see :func:`fedjax_lab.models.compute_dtype`).
+      batch_norm: BatchNorm after every hidden layer (needs at least one hidden layer).
 
     Returns:
       A :class:`Model`; ``apply`` maps ``[B, *input_shape]`` to ``[B, num_classes]``.
@@ -200,11 +229,23 @@ def mlp(
       >>> model = mlp((4,), hidden=(8,), num_classes=3)
       >>> model.apply(model.init(jax.random.key(0)), jnp.ones((2, 4))).shape
       (2, 3)
+      >>> bn = mlp((4,), hidden=(8,), num_classes=3, batch_norm=True)
+      >>> variables = bn.init(jax.random.key(0))
+      >>> sorted(variables), variables["batch_stats"]["BatchNorm_0"]["var"].shape
+      (['batch_stats', 'params'], (8,))
     """
     shape = _check_shape(input_shape)
     hidden = _check_sizes(hidden, "hidden")
     num_classes = _check_positive(num_classes, "num_classes")
-    module = _MLP(hidden, num_classes, compute_dtype(dtype))
+    if not isinstance(batch_norm, (bool, np.bool_)):
+        raise TypeError(f"batch_norm: expected True or False, got {batch_norm!r}.")
+    if batch_norm and not hidden:
+        raise ValueError(
+            "batch_norm: BatchNorm follows the hidden layers, and hidden=() has none; give "
+            "hidden=(64,) or batch_norm=False."
+        )
+    mlp_class = _BatchNormMLP if batch_norm else _MLP
+    module = mlp_class(hidden, num_classes, compute_dtype(dtype))
     spec = ModelSpec(input_shape=shape, num_classes=num_classes)
     return from_flax(module, jnp.zeros((1, *shape), jnp.float32), spec=spec)
 
@@ -287,6 +328,7 @@ def cnn(
       conv: convolution formulation, see :func:`fedjax_lab.models.conv2d`.
       dtype: compute dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (mixed precision:
         params stay float32, see :func:`fedjax_lab.models.compute_dtype`).
+      batch_norm: BatchNorm after every hidden layer (needs at least one hidden layer).
 
     Returns:
       A :class:`Model`; ``apply`` maps ``[B, *input_shape]`` to ``[B, num_classes]``.
