@@ -37,11 +37,11 @@ Overflow: the sum must be read back unambiguously, ``C · W · (2^(bits-1) - 1) 
 and the cohort size again when the round is traced; :func:`max_bits` gives the largest
 ``bits``).
 
-Cost: each client draws ``C - 1`` pseudo-random vectors (``O(C · P)`` for ``P`` parameters,
-``O(C² · P)`` for the cohort), the server ``O(C² · P)`` more to rebuild the masks of the
-dropped peers (a scan over the slot pairs: memory ``O(P)`` per client); fine for simulated
-cohorts of tens of clients. The contributions are summed (``reduce="sum"``), so any client
-map streams them.
+Cost: each client draws ``C`` pseudo-random vectors at once (``O(C · P)`` work and memory for
+``P`` parameters, ``O(C² · P)`` for the cohort), the server up to ``O(C² · P)`` more to rebuild
+the masks between survivors and dropped peers (a scan over the survivors, skipped when nobody
+dropped); fine for simulated cohorts of tens of clients. The contributions are summed
+(``reduce="sum"``), so any client map streams them.
 
 References:
   Bonawitz, Ivanov, Kreuter, Marcedone, McMahan, Patel, Ramage, Segal, Seth, "Practical Secure
@@ -53,6 +53,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -208,29 +209,34 @@ def _pair_key(base: PRNGKey, id_a: jax.Array, id_b: jax.Array) -> PRNGKey:
     return jax.random.fold_in(jax.random.fold_in(base, lo), hi)
 
 
-def _prg(pair_key: PRNGKey, shapes: list, modulus_bits: int) -> list:
-    return [
-        _reduce(jax.random.bits(jax.random.fold_in(pair_key, i), shape, jnp.uint32), modulus_bits)
-        for i, shape in enumerate(shapes)
-    ]
+def _prg(pair_key: PRNGKey, size: int, modulus_bits: int) -> jax.Array:
+    return _reduce(jax.random.bits(pair_key, (size,), jnp.uint32), modulus_bits)
+
+
+def _split(flat: jax.Array, shapes: list) -> list:
+    out, start = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(flat[start:start + n].reshape(shape))
+        start += n
+    return out
 
 
 def _slot_mask(base, slot, client_ids, shapes, modulus_bits, peers=None) -> list:
     """``Σ_{j≠slot} ±m_{slot,j}`` (``+`` for ``j > slot``), over the peers ``j`` with
-    ``peers[j]`` (all by default): a scan over the slots, memory ``O(P)``."""
-    c = client_ids.shape[0]
+    ``peers[j]`` (all by default). One PRG stream per pair over the flattened leaves, drawn for
+    all ``C`` peers at once (memory ``O(C · P)``)."""
+    size = sum(math.prod(s) for s in shapes)
     my_id = client_ids[slot]
-
-    def body(acc, j):
-        m = _prg(_pair_key(base, my_id, client_ids[j]), shapes, modulus_bits)
-        on = jnp.bool_(True) if peers is None else peers[j]
-        plus = ((j > slot) & on).astype(jnp.uint32)
-        minus = ((j < slot) & on).astype(jnp.uint32)
-        return [a + plus * v - minus * v for a, v in zip(acc, m, strict=True)], None
-
-    zeros = [jnp.zeros(s, jnp.uint32) for s in shapes]
-    acc, _ = jax.lax.scan(body, zeros, jnp.arange(c, dtype=jnp.int32))
-    return [_reduce(a, modulus_bits) for a in acc]
+    masks = jax.vmap(lambda j_id: _prg(_pair_key(base, my_id, j_id), size, modulus_bits))(
+        client_ids)
+    j = jnp.arange(client_ids.shape[0], dtype=jnp.int32)
+    on = jnp.ones(j.shape, jnp.bool_) if peers is None else peers
+    plus = ((j > slot) & on).astype(jnp.uint32)[:, None]
+    minus = ((j < slot) & on).astype(jnp.uint32)[:, None]
+    total = jnp.sum(plus * masks, axis=0, dtype=jnp.uint32) - jnp.sum(
+        minus * masks, axis=0, dtype=jnp.uint32)
+    return _split(_reduce(total, modulus_bits), shapes)
 
 
 def _shapes(leaves: list) -> list:
@@ -276,14 +282,18 @@ def _recovery(base, sent, client_ids, shapes, modulus_bits) -> list:
     c = client_ids.shape[0]
     dropped = ~sent
 
-    def body(acc, i):
-        part = _slot_mask(base, i, client_ids, shapes, modulus_bits, peers=dropped)
-        on = sent[i].astype(jnp.uint32)
-        return [a + on * p for a, p in zip(acc, part, strict=True)], None
-
     zeros = [jnp.zeros(s, jnp.uint32) for s in shapes]
-    acc, _ = jax.lax.scan(body, zeros, jnp.arange(c, dtype=jnp.int32))
-    return acc
+
+    def body(acc, i):
+        part = jax.lax.cond(
+            sent[i], lambda: _slot_mask(base, i, client_ids, shapes, modulus_bits, peers=dropped),
+            lambda: zeros)
+        return [a + p for a, p in zip(acc, part, strict=True)], None
+
+    def rebuild():
+        return jax.lax.scan(body, zeros, jnp.arange(c, dtype=jnp.int32))[0]
+
+    return jax.lax.cond(jnp.any(dropped), rebuild, lambda: zeros)
 
 
 def unmask(
