@@ -16,7 +16,8 @@ compiled round (an :class:`~fedjax_lab.Aggregator` with ``cohort_aware=True``, s
 2. **Pairwise masks** (client). For every pair of slots ``i < j`` the pair key
    ``k_ij = fold_in(fold_in(k, min(id_i, id_j)), max(id_i, id_j))`` comes from the round key
    and the two CLIENT IDS (the stand-in for their Diffie-Hellman agreement), and
-   ``m_ij = PRG(k_ij)`` is uniform over ``Z_M``, ``M = 2^modulus_bits``. Client ``i`` sends
+   ``m_ij = PRG(k_ij)`` (``jax.random.bits`` over the flattened ``(ŵ q, ŵ)``) is uniform over
+   ``Z_M``, ``M = 2^modulus_bits``. Client ``i`` sends
    ``y_i = x_i + Σ_{j>i} m_ij - Σ_{j<i} m_ij (mod M)``, in ``uint32`` arithmetic (its
    wrap-around is the modulus; ``M < 2^32`` reduces with a bit mask). Self-masks (the
    protocol's ``b_u``, against a client whose message arrives after it was declared dropped)
@@ -31,6 +32,9 @@ compiled round (an :class:`~fedjax_lab.Aggregator` with ``cohort_aware=True``, s
    by ``Σ_{i∈A} ŵ_i``. It EQUALS the plain integer sum of the quantised updates (the overflow
    check below makes the signed reading exact), so :func:`secure_aggregator` gives bit for
    bit what :func:`quantised_aggregator` (the same encoding and dropout, no masks) gives.
+
+A simulation: every key derives from the run key, so this checks the arithmetic of the
+protocol (exact sums, cancelling masks, what one message looks like), not its cryptography.
 
 Overflow: the sum must be read back unambiguously, ``C · W · (2^(bits-1) - 1) < 2^(modulus_bits
 - 1)`` for cohorts of up to ``C = max_cohort_size`` slots (checked when the aggregator is built
