@@ -48,7 +48,6 @@ SLOW = {
     "test_sweep_axes.py::test_dirichlet_axis_rows_equal_runs_on_each_partition",
     "test_sweep_axes.py::test_malicious_fraction_axis_and_mixed_attack_rows_equal_named_attacks",
     "test_sweep_axes.py::test_noise_axis_rows_equal_single_runs_and_report_epsilon",
-    "test_secagg.py::test_compiled_rounds_with_dropout_equal_quantised_fedavg_bit_for_bit",
     "test_mime_exact.py::test_every_client_map_gives_the_same_mime",
     "test_streaming_multiprocess.py::test_two_processes_load_only_their_clients_and_equal_"
     "device_data",
