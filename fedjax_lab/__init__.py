@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "aggregators", "algorithms", "attacks", "checkpoint", "cli", "client", "compression", "data",
     "distributed", "experiment", "kit", "maps", "meta", "metrics", "models", "personalization",
-    "plots", "privacy", "robust", "server", "sweep", "tree", "valuation",
+    "plots", "privacy", "robust", "secagg", "server", "sweep", "tree", "valuation",
 )
 # Public names defined in a submodule: name -> (module, attribute).
 _NAMES = {
@@ -79,6 +79,7 @@ if TYPE_CHECKING:  # what linters and type checkers see; at run time the names l
         plots,
         privacy,
         robust,
+        secagg,
         server,
         sweep,
         tree,

@@ -62,6 +62,8 @@ def round_core(
     server params (``fold_in(round_key, REFRESH_SALT)``). With ``alg.collude`` the client map
     stacks the raw ``(update, weight)`` rows, ``collude`` rewrites the updates
     (``fold_in(round_key, COLLUDE_SALT)``), and ``aggregator.prepare`` runs on each row after.
+    With ``alg.aggregator.cohort_aware`` each ``prepare`` also gets ``(slot, client_ids,
+    k_agg)``: its slot, the cohort's client ids and the key ``finalize`` gets.
 
     The guard: the round is applied only when some client counted (``total_weight > 0``), the
     aggregate is finite (and, with ``max_update_norm``, its global norm is at most that), and
@@ -80,6 +82,7 @@ def round_core(
     has_client_state = bool(jax.tree.leaves(cohort_states))
     stack = alg.aggregator.reduce == "stack"
     collude = alg.collude is not None
+    cohort_aware = alg.aggregator.cohort_aware
     agg_state_in = state.aggregator_state
     if alg.aggregator.refresh is not None:  # server-side work at the current params (FLTrust)
         agg_state_in = alg.aggregator.refresh(
@@ -90,11 +93,16 @@ def round_core(
         pre = _pre_pass(alg, client_map, state, cohort, cohort_states, round_key,
                         client_view=client_view, gather=gather, gather_data=gather_data)
 
+    def prepare(update, weight, agg_state, slot, cohort_view):
+        if cohort_aware:  # (slot, client_ids, k_agg): secure aggregation's pairwise masks
+            return alg.aggregator.prepare(update, weight, agg_state, (slot, *cohort_view))
+        return alg.aggregator.prepare(update, weight, agg_state)
+
     def one_client(shared, x):
-        server_state, agg_state, data = shared
+        server_state, agg_state, data, cohort_view = shared
         if client_view is not None:
             server_state = server_state._replace(client_states=client_view)
-        batches, weight_in, client_id, client_state, ckey = x
+        batches, weight_in, client_id, client_state, ckey, slot = x
         if gather is not None:
             batches = gather(batches, data)
         out = alg.client_update(
@@ -109,7 +117,7 @@ def round_core(
         if collude:  # the raw updates, stacked: the colluders rewrite them after the map
             contribution = (update, weight)
         else:
-            contribution = alg.aggregator.prepare(update, weight, agg_state)
+            contribution = prepare(update, weight, agg_state, slot, cohort_view)
         metrics = {k: jnp.where(finite, v, 0.0) for k, v in out.metrics.items()}
         metrics["dropped_clients"] = 1.0 - finite.astype(jnp.float32)
         # A dropped client, or a padding slot (cohort weight 0), keeps its old per-client state.
@@ -119,17 +127,19 @@ def round_core(
         to_stack = (contribution if stack or collude else (), new_state)
         return to_sum, to_stack
 
-    xs = (cohort.batches, cohort.weights, cohort.client_ids, cohort_states, client_keys)
-    shared = (state, agg_state_in, gather_data)
+    slots = jnp.arange(c, dtype=jnp.int32) if cohort_aware else ()
+    cohort_view = (cohort.client_ids, k_agg) if cohort_aware else ()
+    xs = (cohort.batches, cohort.weights, cohort.client_ids, cohort_states, client_keys, slots)
+    shared = (state, agg_state_in, gather_data, cohort_view)
     (summed, metrics), (stacked, new_cohort_states) = client_map.apply(one_client, shared, xs)
     contributions = stacked if stack else summed
     if collude:
         updates, weights = stacked
         updates = alg.collude(updates, weights, cohort.client_ids,
                               jax.random.fold_in(round_key, COLLUDE_SALT))
-        contributions = jax.vmap(alg.aggregator.prepare, in_axes=(0, 0, None))(
-            updates, weights, agg_state_in
-        )
+        contributions = jax.vmap(
+            lambda u, w, slot: prepare(u, w, agg_state_in, slot, cohort_view)
+        )(updates, weights, slots if cohort_aware else jnp.zeros((c,), jnp.int32))
         if not stack:
             contributions = jax.tree.map(lambda x: jnp.sum(x, axis=0), contributions)
     aggregate, total_weight, agg_state = alg.aggregator.finalize(

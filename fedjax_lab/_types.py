@@ -120,13 +120,20 @@ class Aggregator(NamedTuple):
         ``finalize``. FLTrust (:func:`fedjax_lab.robust.fltrust`) computes its root-data
         update here. Its keys come from their own ``fold_in`` of the round key, so the
         round's other keys are unchanged.
+      cohort_aware: ``False`` (the default): ``prepare`` is called as above. ``True``: the
+        round calls ``prepare(update, weight, state, cohort)`` with ``cohort = (slot,
+        client_ids, key)``: this client's slot in the cohort (``i32`` scalar), every slot's
+        client id (``i32[C]``) and the round's aggregator key (the very key ``finalize``
+        gets). Secure aggregation (:func:`fedjax_lab.secagg.secure_aggregator`) derives its
+        pairwise masks from it; the round's other keys are unchanged.
     """
 
     init: Callable[[Params], PyTree]
-    prepare: Callable[[PyTree, jax.Array, PyTree], PyTree]
+    prepare: Callable[..., PyTree]
     finalize: Callable[[PyTree, PyTree, PRNGKey], tuple[PyTree, jax.Array, PyTree]]
     reduce: str = "sum"
     refresh: Callable[[PyTree, Params, PRNGKey], PyTree] | None = None
+    cohort_aware: bool = False
 
 
 class FederatedAlgorithm(NamedTuple):

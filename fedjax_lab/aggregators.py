@@ -27,6 +27,7 @@ from fedjax_lab.robust import (
     multi_krum,
     trimmed_mean,
 )
+from fedjax_lab.secagg import secure_aggregator
 
 __all__ = [
     "REGISTRY",
@@ -153,6 +154,7 @@ REGISTRY.register("multi_krum")(multi_krum)
 REGISTRY.register("geometric_median")(geometric_median)
 REGISTRY.register("centered_clipping")(centered_clipping)
 REGISTRY.register("bulyan")(bulyan)
+REGISTRY.register("secure_mean")(secure_aggregator)
 
 
 def from_name(name: str, **hparams) -> Aggregator:
