@@ -22,6 +22,6 @@ def test_readme_example_runs(capsys):
 def test_readme_shows_exactly_the_ci_test_command():
     text = README.read_text()
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
-    command = 'python3 -m pip install -e ".[test]" && python3 -m pytest -n 2 -q'
+    command = 'python3 -m pip install -e ".[test]" && python3 -m pytest -n 2 --dist loadfile -q'
     assert command in text
     assert command in ci
