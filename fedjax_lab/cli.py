@@ -4,7 +4,9 @@
 of CONFIG (the default experiment when CONFIG is omitted) as compiled blocks of
 ``evaluation.every`` rounds (one ``lax.scan`` each). Between blocks a progress bar shows the
 round, train loss, latest test accuracy, rounds/s and ETA. It writes, per algorithm,
-``DIR/<label>/metrics.jsonl`` (one line a round) and ``DIR/<label>/checkpoints/``, and for the
+``DIR/<label>/metrics.jsonl`` (one line a round; with a sampled ``max_local_steps``, see
+:class:`fedjax_lab.kit.BudgetSampler`, each line adds the cohort's ``mean_local_step_budget``
+and ``mean_local_steps`` actually taken) and ``DIR/<label>/checkpoints/``, and for the
 whole run ``DIR/summary.json`` (config, versions, device, wall time, final metrics and
 ``params_sha256`` per algorithm; a ``dp_fedavg`` or ``dp_ftrl`` run adds the privacy spent:
 ``epsilon`` (of the sampler actually used), ``delta``, ``accountant``, ``sampling``,
@@ -55,7 +57,9 @@ __all__ = ["main", "run_experiment"]
 _ROW_KEYS = ("train_loss", "num_examples", "dropped_clients", "round_skipped", "update_norm")
 _SKIP_REASONS = ("skipped_non_finite_update", "skipped_update_norm",
                  "skipped_non_finite_server_state")
-_HIST_KEYS = (*_ROW_KEYS, *_SKIP_REASONS, "eval_accuracy", "eval_loss")  # what _rows reads
+_BUDGET_KEYS = ("local_step_budget", "budget_clients", "num_steps")  # sampled budgets only
+_HIST_KEYS = (*_ROW_KEYS, *_SKIP_REASONS, *_BUDGET_KEYS, "eval_accuracy",
+              "eval_loss")  # what _rows reads
 
 
 def _slug(label: str) -> str:
@@ -104,6 +108,11 @@ def _rows(hist: dict[str, Any], first_round: int) -> list[dict[str, Any]]:
         for k in _SKIP_REASONS:  # why a guarded round was refused (only when it was)
             if k in hist and hist[k][i] > 0:
                 row["skip_reason"] = k[len("skipped_"):]
+        if "local_step_budget" in hist:  # a sampled max_local_steps (fl.kit.BudgetSampler)
+            clients = float(hist["budget_clients"][i])
+            for name, k in (("mean_local_step_budget", "local_step_budget"),
+                            ("mean_local_steps", "num_steps")):
+                row[name] = float(hist[k][i]) / clients if clients > 0 else None
         for k in ("eval_accuracy", "eval_loss"):
             if k in hist and np.isfinite(hist[k][i]):
                 row["test_" + k[5:]] = float(hist[k][i])
