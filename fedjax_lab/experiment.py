@@ -141,7 +141,14 @@ _TRAINING = {
     "data_on": (str, None),
 }
 _DATA_ON = ("device", "host")
-_EVALUATION = {"every": (int, 1), "batch_size": (int, 1)}
+_EVALUATION = {
+    "every": (int, 1),
+    "batch_size": (int, 1),
+    "personalized": (bool, None),
+    "fine_tune_steps": (int, 0),
+    "fine_tune_learning_rate": (float, 0.0),
+    "fine_tune_batch_size": (int, 1),
+}
 _CHECKPOINT = {"every": (int, 1), "keep": (int, 1)}
 _PRIVACY = {"delta": (float, None), "accountant": (str, None)}
 _ACCOUNTANTS = ("best", "pld", "rdp")
@@ -168,7 +175,10 @@ def _check_section(name: str, section: dict, spec: dict) -> None:
         if key not in spec:
             raise ConfigError(f"{name}.{key}: unknown key; allowed: {_allowed(spec)}.")
         kind, minimum = spec[key]
-        if kind is str:
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}.{key}: expected true or false, got {value!r}.")
+        elif kind is str:
             if not isinstance(value, str):
                 raise ConfigError(f"{name}.{key}: expected a string, got {value!r}.")
         else:
@@ -1109,6 +1119,10 @@ _SPEC_DEFAULTS = {
     ("training", "data_on"): "device",
     ("privacy", "delta"): DEFAULT_DELTA,
     ("privacy", "accountant"): "best",
+    ("evaluation", "personalized"): True,
+    ("evaluation", "fine_tune_steps"): 0,
+    ("evaluation", "fine_tune_learning_rate"): 0.1,
+    ("evaluation", "fine_tune_batch_size"): 10,
 }
 
 
@@ -1249,6 +1263,13 @@ def reference(algorithm: str | None = None) -> str:
             out.append("  (data_on = 'host', fedjax-lab run: the examples stay in host memory and "
                        "each round's cohort is streamed to the device; under several processes "
                        "each loads only the clients of its own devices)")
+        if section == "evaluation":
+            out.append("  (personalized: for the algorithms whose clients keep their own model "
+                       "(apfl, ditto, fedbn, fedper, fedrep, ifca, lg_fedavg, pfedme) the summary "
+                       "adds personalized_accuracy_mean, each test client on its own model; "
+                       "fine_tune_steps > 0: every algorithm's summary adds "
+                       "fine_tuned_accuracy_mean, the final model fine-tuned that many SGD steps "
+                       "on each client's own training data, then tested on its own test data)")
         if section == "checkpoint":
             out.append("  (checkpoint.every must be a multiple of evaluation.every)")
     out += ["", "[[algorithms]] (one table per run)", *common, "  hyper-parameters by name:"]
