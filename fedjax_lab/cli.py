@@ -984,9 +984,11 @@ def _choose_devices(
     """Sets ``XLA_FLAGS`` in ``environ`` to split a CPU-only host into XLA devices; says what.
 
     By default a CPU-only host gets one XLA device per physical core (``cores``, default
-    counted from this process's CPU affinity). ``XLA_FLAGS`` already set, an accelerator that
-    may be present (``JAX_PLATFORMS`` other than ``cpu``, or a CUDA/ROCm/TPU plugin installed),
-    or JAX already loaded (the count is fixed when JAX starts) leave everything as it is.
+    counted from this process's CPU affinity). A device count already in ``XLA_FLAGS``
+    (``--xla_force_host_platform_device_count``), an accelerator that may be present
+    (``JAX_PLATFORMS`` other than ``cpu``, or a CUDA/ROCm/TPU plugin installed), or JAX already
+    loaded (the count is fixed when JAX starts) leave everything as it is; other flags in
+    ``XLA_FLAGS`` are kept beside the device count.
     ``requested`` (``--devices N``) asks for N devices; 1 is no split. Returns the line the CLI
     prints on stderr.
 
@@ -996,8 +998,13 @@ def _choose_devices(
       'devices: 2 CPU devices (one per core; --devices 1 to disable)'
       >>> env["XLA_FLAGS"]
       '--xla_force_host_platform_device_count=2'
-      >>> _choose_devices(None, {"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true"}, cores=2)
-      'devices: XLA_FLAGS is set, left as it is (--devices N to choose)'
+      >>> env = {"XLA_FLAGS": "--xla_dump_to=/tmp/hlo"}
+      >>> _choose_devices(None, env, cores=2)
+      'devices: 2 CPU devices (one per core; --devices 1 to disable)'
+      >>> env["XLA_FLAGS"]
+      '--xla_dump_to=/tmp/hlo --xla_force_host_platform_device_count=2'
+      >>> _choose_devices(None, {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"})
+      'devices: XLA_FLAGS sets the device count, left as it is (--devices N to choose)'
     """
     if requested is not None and (isinstance(requested, bool) or requested < 1):
         raise ValueError(f"--devices: need a whole number >= 1, got {requested!r}.")
@@ -1005,8 +1012,9 @@ def _choose_devices(
         return "devices: JAX is already loaded in this process; using the devices it has"
     flags = environ.get("XLA_FLAGS", "")
     if requested is None:
-        if flags.strip():
-            return "devices: XLA_FLAGS is set, left as it is (--devices N to choose)"
+        if any(f.startswith(_DEVICE_FLAG) for f in flags.split()):
+            return ("devices: XLA_FLAGS sets the device count, left as it is (--devices N to "
+                    "choose)")
         why = _accelerator(environ)
         if why is not None:
             return f"devices: not splitting the host CPU ({why}; an accelerator may be present)"
@@ -1104,7 +1112,8 @@ def _parser() -> argparse.ArgumentParser:
     devices.add_argument(
         "--devices", type=int, metavar="N",
         help="XLA devices to split a CPU-only host into (default: one per physical core, "
-             "unless XLA_FLAGS is set or an accelerator may be present; 1: no split)")
+             "unless XLA_FLAGS sets a device count or an accelerator may be present; "
+             "1: no split)")
     r = sub.add_parser(
         "run", parents=[devices], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="run an experiment config (default: the digits experiment of the README)",

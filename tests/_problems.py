@@ -75,7 +75,10 @@ def run_on_host_devices(
 
     path = tmp_path / "on_host_devices.py"
     path.write_text(script)
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split()  # e.g. the tests' opt level
+            if not f.startswith("--xla_force_host_platform_device_count")]
+    env = dict(os.environ, XLA_FLAGS=" ".join(
+        [*kept, f"--xla_force_host_platform_device_count={num_devices}"]))
     res = subprocess.run(
         [sys.executable, str(path), *args], env=env, capture_output=True, text=True,
         timeout=timeout,
