@@ -195,7 +195,7 @@ def fed_lora(
             f"aggregation: expected 'separate' (FedIT: mean of A and mean of B) or 'exact' "
             f"(FedEx-LoRA: plus the residual folded into the base), got {aggregation!r}."
         )
-    kit.check_count("seed", seed, 0)
+    seed = kit.check_count("seed", seed, 0)
     exact = aggregation == "exact"
     client_optimizer = kit.client_optimizer(client_optimizer)
     server_optimizer = kit.server_optimizer(server_optimizer, server_learning_rate)
