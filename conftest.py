@@ -41,3 +41,14 @@ def pytest_runtest_teardown(item, nextitem):
 
         jax.clear_caches()
         gc.collect()
+
+
+def pytest_runtest_logreport(report):
+    """``FEDJAX_LAB_TEST_TIMES=FILE``: each phase's duration appended to FILE as it ends
+    (``nodeid<TAB>phase<TAB>seconds``), so a run cut short still tells where its time went."""
+    import os
+
+    path = os.environ.get("FEDJAX_LAB_TEST_TIMES")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{report.nodeid}\t{report.when}\t{report.duration:.2f}\n")

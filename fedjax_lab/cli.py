@@ -4,7 +4,9 @@
 of CONFIG (the default experiment when CONFIG is omitted) as compiled blocks of
 ``evaluation.every`` rounds (one ``lax.scan`` each). Between blocks a progress bar shows the
 round, train loss, latest test accuracy, rounds/s and ETA. It writes, per algorithm,
-``DIR/<label>/metrics.jsonl`` (one line a round) and ``DIR/<label>/checkpoints/``, and for the
+``DIR/<label>/metrics.jsonl`` (one line a round; with a sampled ``max_local_steps``, see
+:class:`fedjax_lab.kit.BudgetSampler`, each line adds the cohort's ``mean_local_step_budget``
+and ``mean_local_steps`` actually taken) and ``DIR/<label>/checkpoints/``, and for the
 whole run ``DIR/summary.json`` (config, versions, device, wall time, final metrics and
 ``params_sha256`` per algorithm; a ``dp_fedavg`` or ``dp_ftrl`` run adds the privacy spent:
 ``epsilon`` (of the sampler actually used), ``delta``, ``accountant``, ``sampling``,
@@ -55,7 +57,9 @@ __all__ = ["main", "run_experiment"]
 _ROW_KEYS = ("train_loss", "num_examples", "dropped_clients", "round_skipped", "update_norm")
 _SKIP_REASONS = ("skipped_non_finite_update", "skipped_update_norm",
                  "skipped_non_finite_server_state")
-_HIST_KEYS = (*_ROW_KEYS, *_SKIP_REASONS, "eval_accuracy", "eval_loss")  # what _rows reads
+_BUDGET_KEYS = ("local_step_budget", "budget_clients", "num_steps")  # sampled budgets only
+_HIST_KEYS = (*_ROW_KEYS, *_SKIP_REASONS, *_BUDGET_KEYS, "eval_accuracy",
+              "eval_loss")  # what _rows reads
 
 
 def _slug(label: str) -> str:
@@ -104,6 +108,11 @@ def _rows(hist: dict[str, Any], first_round: int) -> list[dict[str, Any]]:
         for k in _SKIP_REASONS:  # why a guarded round was refused (only when it was)
             if k in hist and hist[k][i] > 0:
                 row["skip_reason"] = k[len("skipped_"):]
+        if "local_step_budget" in hist:  # a sampled max_local_steps (fl.kit.BudgetSampler)
+            clients = float(hist["budget_clients"][i])
+            for name, k in (("mean_local_step_budget", "local_step_budget"),
+                            ("mean_local_steps", "num_steps")):
+                row[name] = float(hist[k][i]) / clients if clients > 0 else None
         for k in ("eval_accuracy", "eval_loss"):
             if k in hist and np.isfinite(hist[k][i]):
                 row["test_" + k[5:]] = float(hist[k][i])
@@ -453,6 +462,63 @@ def _final_metrics(final: dict[str, Any], history: list[dict[str, Any]]) -> dict
     }
 
 
+_PERSONAL_METRICS = ("personalized_accuracy_mean", "personalized_accuracy_p10",
+                     "fine_tuned_accuracy_mean", "fine_tuned_accuracy_p10")
+
+
+def _personal_metrics(
+    experiment: exp_lib.Experiment, spec: dict[str, Any], state: Any, seed: int, *, warn: bool
+) -> dict[str, Any]:
+    """The final model(s) evaluated per client: on its own model and/or after fine-tuning.
+
+    ``evaluation.personalized`` (default on): for an algorithm whose clients keep their own
+    model (:data:`fedjax_lab.personalization.PERSONALIZED_ALGORITHMS`), each test client on its
+    own model (IFCA: the cluster of lowest loss on its training data). ``fine_tune_steps > 0``:
+    the final global model fine-tuned on each client's training data, then tested. Both need
+    the test split's client ``i`` to be the training split's client ``i``.
+    """
+    import jax
+    import optax
+
+    from fedjax_lab import personalization as pers
+
+    evaluation = experiment.config["evaluation"]
+    train, test = experiment.train, experiment.test
+    name = spec["name"]
+    personal = evaluation.get("personalized", True) and name in pers.PERSONALIZED_ALGORITHMS
+    steps = evaluation.get("fine_tune_steps", 0)
+    if name == "fedbn" and not state.client_states:
+        personal = False  # a model without BatchNorm: FedBN is FedAvg, no own model
+    if not (personal or steps):
+        return {}
+    if train.num_clients != test.num_clients:
+        if warn:
+            _warn(f"{spec.get('label', name)}: no per-client evaluation: the test split has "
+                  f"{test.num_clients} clients, the training split {train.num_clients}; client "
+                  "i's model is tested on test client i.")
+        return {}
+    out: dict[str, Any] = {}
+    batch = evaluation["batch_size"]
+    if personal:
+        options = {k: spec[k] for k in ("local_keys", "global_mask") if k in spec}
+        res = pers.evaluate_own_models(
+            experiment.eval_fn, name, state, test, batch_size=batch,
+            choose_on=train if name == "ifca" else None, **options,
+        )
+        out["personalized_accuracy_mean"] = res["personalized_accuracy_mean"]
+        out["personalized_accuracy_p10"] = res["personalized_accuracy_p10"]
+    if steps:
+        res = pers.fine_tune_evaluate(
+            experiment.loss_fn, experiment.eval_fn,
+            optax.sgd(evaluation.get("fine_tune_learning_rate", 0.1)), state.params, train, test,
+            steps=steps, batch_size=evaluation.get("fine_tune_batch_size", 10),
+            key=jax.random.key(seed), eval_batch_size=batch,
+        )
+        out["fine_tuned_accuracy_mean"] = res["personalized_accuracy_mean"]
+        out["fine_tuned_accuracy_p10"] = res["personalized_accuracy_p10"]
+    return {k: float(v) for k, v in out.items()}
+
+
 def _warn_rounds(name: str, history: list[dict[str, Any]], *, warn: bool = True) -> str:
     """Warns about refused and idle rounds of one run (or seed); returns the idle ranges."""
     for reason in ("non_finite_update", "update_norm", "non_finite_server_state"):
@@ -586,13 +652,15 @@ def _run_one(
     per_seed_state = ([jax.tree.map(lambda x, i=i: x[i], state) for i in range(len(seeds))]
                       if multi else [state])
     per_seed_history = history if multi else [history]
+    spec = next(a for a in cfg["algorithms"] if a.get("label", a["name"]) == label)
     finals, metrics, idles = [], [], []
     for seed, st, hist_rows in zip(seeds, per_seed_state, per_seed_history, strict=True):
         final = metrics_lib.evaluate(
             experiment.eval_fn, st.params, experiment.test, batch_size=evaluation["batch_size"]
         )
         finals.append(final)
-        metrics.append(_final_metrics(final, hist_rows))
+        metrics.append({**_final_metrics(final, hist_rows),
+                        **_personal_metrics(experiment, spec, st, seed, warn=writer)})
         idles.append(_warn_rounds(f"{label} (seed {seed})" if multi else label, hist_rows,
                                   warn=writer))
     hashes = [ckpt.params_sha256(st.params) for st in per_seed_state]
@@ -605,7 +673,7 @@ def _run_one(
     if multi:
         summary["seeds"] = seeds
         summary.update({k: metrics_lib.mean_ci95([m[k] for m in metrics])
-                        for k in _SEED_METRICS})
+                        for k in (*_SEED_METRICS, *_PERSONAL_METRICS) if k in metrics[0]})
         summary["rounds_no_client_trained"] = [i or None for i in idles]
         summary["params_sha256"] = hashes
     else:
@@ -615,7 +683,6 @@ def _run_one(
     summary["execution"] = execution
     if start.device_changes:
         summary["device_changes"] = start.device_changes
-    spec = next(a for a in cfg["algorithms"] if a.get("label", a["name"]) == label)
     spent = exp_lib.privacy_spent(cfg, spec, done, experiment.train.num_clients)
     if spent is not None:
         summary.update(spent)
@@ -694,7 +761,20 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
             f"{label:<14}{s['test_accuracy']:>9.4f}{s['client_accuracy_p10']:>11.4f}"
             f"{s['client_accuracy_mean']:>12.4f}{loss:>11}{s['wall_time_s']:>8.1f}"
         )
-    return "\n".join(lines + _privacy_lines(results))
+    return "\n".join(lines + _personal_lines(results) + _privacy_lines(results))
+
+
+def _personal_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for label, res in results.items():
+        s = res["summary"]
+        parts = [f"{what} {s[key]:.4f}" for key, what in (
+            ("personalized_accuracy_mean", "own-model client mean accuracy"),
+            ("fine_tuned_accuracy_mean", "fine-tuned client mean accuracy"),
+        ) if isinstance(s.get(key), float)]
+        if parts:
+            lines.append(f"{label}: " + ", ".join(parts))
+    return lines
 
 
 def _privacy_lines(results: dict[str, dict[str, Any]]) -> list[str]:

@@ -48,8 +48,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "BUDGET_TABLES",
     "DEFAULT_CONFIG",
     "DEFAULT_DELTA",
+    "FLTRUST",
+    "FLTRUST_TABLE",
     "ConfigError",
     "Experiment",
     "build",
@@ -139,7 +142,14 @@ _TRAINING = {
     "data_on": (str, None),
 }
 _DATA_ON = ("device", "host")
-_EVALUATION = {"every": (int, 1), "batch_size": (int, 1)}
+_EVALUATION = {
+    "every": (int, 1),
+    "batch_size": (int, 1),
+    "personalized": (bool, None),
+    "fine_tune_steps": (int, 0),
+    "fine_tune_learning_rate": (float, 0.0),
+    "fine_tune_batch_size": (int, 1),
+}
 _CHECKPOINT = {"every": (int, 1), "keep": (int, 1)}
 _PRIVACY = {"delta": (float, None), "accountant": (str, None)}
 _ACCOUNTANTS = ("best", "pld", "rdp")
@@ -166,7 +176,10 @@ def _check_section(name: str, section: dict, spec: dict) -> None:
         if key not in spec:
             raise ConfigError(f"{name}.{key}: unknown key; allowed: {_allowed(spec)}.")
         kind, minimum = spec[key]
-        if kind is str:
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}.{key}: expected true or false, got {value!r}.")
+        elif kind is str:
             if not isinstance(value, str):
                 raise ConfigError(f"{name}.{key}: expected a string, got {value!r}.")
         else:
@@ -252,7 +265,12 @@ def _check_parts(where: str, alg: dict[str, Any], params: dict[str, Any]) -> Non
         )
     if "aggregator" in alg:
         w = f"{where}.aggregator"
-        _check_registry(aggregators_lib.REGISTRY, w, _part_table(w, alg["aggregator"]))
+        table = _part_table(w, alg["aggregator"])
+        if table["name"] not in (*aggregators_lib.REGISTRY, FLTRUST):
+            raise ConfigError(f"{w}.name: got {table['name']!r}; allowed: "
+                              f"{_allowed((*aggregators_lib.REGISTRY, FLTRUST))}.")
+        if table["name"] != FLTRUST:  # FLTrust's table: checked when it is built
+            _check_registry(aggregators_lib.REGISTRY, w, table)
     if "attack" in alg:
         w = f"{where}.attack"
         _check_registry(attacks_lib.REGISTRY, w, _part_table(w, alg["attack"]),
@@ -717,7 +735,79 @@ PER_CLIENT_KEYS = ("client_learning_rate", "max_local_steps", "mu", "lam")
 value per client of the training data) or ``client_learning_rate = {per_client = "size",
 scale = 0.1, power = 0.5}`` (client ``i``'s value ``scale * (n_i / mean_j n_j) ** power`` of
 its example count ``n_i``; ``max_local_steps`` rounds it to a whole number). A per-client
-``client_learning_rate`` is plain SGD (``client_optimizer = "sgd"``)."""
+``client_learning_rate`` is plain SGD (``client_optimizer = "sgd"``).
+
+``max_local_steps`` may also be drawn for each cohort client each round (heterogeneous compute,
+:class:`fedjax_lab.kit.BudgetSampler`), a table with ``sample`` (:data:`BUDGET_TABLES`):
+``{sample = "straggler", fraction = 0.5, max_steps = 20}`` (FedProx's stragglers,
+:func:`~fedjax_lab.kit.straggler_budget`), ``{sample = "uniform", low = 1, high = 20}``
+(:func:`~fedjax_lab.kit.uniform_budget`) or ``{sample = "speed", max_steps = 20, speeds =
+[one per client], jitter = 0.0}`` / ``{sample = "speed", max_steps = 20, sigma = 1.0, seed =
+0}`` (fixed per-client speeds, given or lognormal, :func:`~fedjax_lab.kit.speed_budget` and
+:func:`~fedjax_lab.kit.lognormal_speeds`)."""
+
+BUDGET_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "straggler": (("fraction", "max_steps"), ()),
+    "uniform": (("low", "high"), ()),
+    "speed": (("max_steps",), ("speeds", "sigma", "seed", "jitter")),
+}
+"""``sample`` -> (required keys, optional keys) of a sampled ``max_local_steps`` table; a
+``"speed"`` table gives ``speeds`` (one per client) or ``sigma`` (and ``seed``), not both."""
+
+
+def _is_budget_table(value: Any) -> bool:
+    return isinstance(value, dict) and "sample" in value
+
+
+def _budget_sampler(where: str, value: dict[str, Any], client_sizes: Any) -> Any:
+    """A config's sampled ``max_local_steps`` table as a :class:`~fedjax_lab.kit.BudgetSampler`.
+
+    ``client_sizes`` ``None`` (validating, no data yet) checks the table and its values only.
+    """
+    from fedjax_lab import kit
+
+    kind = value["sample"]
+    if kind not in BUDGET_TABLES:
+        raise ConfigError(f"{where}.sample: got {kind!r}; allowed: {_allowed(BUDGET_TABLES)}.")
+    required, optional = BUDGET_TABLES[kind]
+    options = {k: v for k, v in value.items() if k != "sample"}
+    for key in options:
+        if key not in required + optional:
+            raise ConfigError(f"{where}.{key}: not an option of sample = {kind!r}; allowed: "
+                              f"{_allowed(('sample', *required, *optional))}.")
+    for key in required:
+        if key not in options:
+            raise ConfigError(f"{where}.{key}: required by sample = {kind!r}.")
+    if kind == "speed":
+        if ("speeds" in options) == ("sigma" in options):
+            raise ConfigError(
+                f"{where}: sample = 'speed' needs either speeds = [one speed per client] or "
+                "sigma = s (lognormal speeds, with an optional seed), not both."
+            )
+        if "sigma" in options:
+            sigma, seed = options.pop("sigma"), options.pop("seed", 0)
+            _check_number(f"{where}.sigma", sigma, float, 0)
+            _check_number(f"{where}.seed", seed, int, 0)
+            n = 1 if client_sizes is None else len(client_sizes)
+            options["speeds"] = kit.lognormal_speeds(n, sigma, seed=seed)
+        else:
+            if "seed" in options:
+                raise ConfigError(f"{where}.seed: goes with sigma (lognormal speeds) only.")
+            speeds = options["speeds"]
+            if not isinstance(speeds, list):
+                raise ConfigError(f"{where}.speeds: expected a list of numbers (one per "
+                                  f"client), got {speeds!r}.")
+            for i, v in enumerate(speeds):
+                _check_number(f"{where}.speeds[{i}]", v, float, 0)
+            if client_sizes is not None and len(speeds) != len(client_sizes):
+                raise ConfigError(
+                    f"{where}.speeds: {len(speeds)} values, but the training data has "
+                    f"{len(client_sizes)} clients; give one speed per client."
+                )
+    try:
+        return kit.BUDGET_SAMPLERS[kind](**options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}.{e}") from e
 
 
 def _is_per_client_table(value: Any) -> bool:
@@ -765,13 +855,68 @@ def _per_client(where: str, value: Any, client_sizes: Any, *, whole: bool = Fals
     return kit.per_client(of_size, client_sizes=[1] if client_sizes is None else client_sizes)
 
 
+FLTRUST = "fltrust"
+"""The ``[algorithms.aggregator]`` name of FLTrust (:func:`fedjax_lab.robust.fltrust`), built
+from the training data rather than from :data:`fedjax_lab.aggregators.REGISTRY`."""
+
+FLTRUST_TABLE = {
+    "root_examples": (int, 1),
+    "root_batch_size": (int, 1),
+    "root_steps": (int, 1),
+    "root_learning_rate": (float, None),
+    "root_seed": (int, 0),
+}
+"""The options of ``aggregator = {name = "fltrust", ...}`` (besides ``name``): the root set's
+size (default 100, the paper's), its batch size (default 10), the server's SGD steps on it each
+round (default one pass), their rate (default the entry's ``client_learning_rate``: the server
+trains as a client would) and the seed of the sample. The root set is
+:func:`fedjax_lab.robust.fltrust_root_batches` of the training data: a seeded uniform sample of
+the training examples (the clients' own data), so it is not held out from the clients."""
+
+_FLTRUST_DEFAULTS = {"root_examples": 100, "root_batch_size": 10, "root_steps": None,
+                     "root_seed": 0}
+
+
+def _fltrust_from(where: str, table: dict[str, Any], spec: dict[str, Any], loss_fn: LossFn,
+                  train_data: FederatedData | None):
+    """FLTrust from its config table; ``train_data`` ``None`` (validating) checks it only."""
+    from fedjax_lab import robust
+
+    options = {**_FLTRUST_DEFAULTS, **{k: v for k, v in table.items() if k != "name"}}
+    _check_section(where, {k: v for k, v in options.items() if v is not None}, FLTRUST_TABLE)
+    lr = options.get("root_learning_rate", spec.get("client_learning_rate", 0.1))
+    if _is_per_client_table(lr):
+        raise ConfigError(f"{where}.root_learning_rate: required when client_learning_rate is "
+                          "per client (the server's root update is SGD at one rate).")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"{where}.root_learning_rate: must be a finite number > 0, got {lr!r}.")
+    if train_data is None:  # validating: no data yet, the options are checked
+        return robust.fltrust(lambda params, key: params)
+    if options["root_examples"] > train_data.num_examples:
+        raise ConfigError(
+            f"{where}.root_examples: {options['root_examples']} is more than the "
+            f"{train_data.num_examples} training examples the root set is drawn from; use <= "
+            f"{train_data.num_examples}."
+        )
+    batches = robust.fltrust_root_batches(
+        train_data, options["root_examples"], options["root_batch_size"],
+        num_steps=options["root_steps"], seed=options["root_seed"],
+    )
+    return robust.fltrust(robust.fltrust_root_update(loss_fn, batches, learning_rate=lr))
+
+
 def build_algorithm(
-    spec: dict[str, Any], loss_fn: LossFn, client_sizes: Any = None
+    spec: dict[str, Any], loss_fn: LossFn, client_sizes: Any = None,
+    train_data: FederatedData | None = None,
 ) -> FederatedAlgorithm:
     """Builds one ``[[algorithms]]`` entry: its registered factory, then its part tables.
 
     ``client_sizes`` (the training data's example counts) resolves per-client tables
     (:data:`PER_CLIENT_KEYS`); without it they are checked but not sized to the population.
+    ``train_data`` (the training data) is what an ``aggregator = {name = "fltrust"}`` table
+    draws its root set from (:data:`FLTRUST_TABLE`); without it that table is checked only
+    (the aggregator built stands in for shapes, it is not FLTrust's). Given alone, it also
+    gives ``client_sizes``.
 
     The parts wrap the algorithm in this order: ``server_optimizer`` (an argument of the
     factory), ``attack`` (:func:`fedjax_lab.algorithms.with_attack`), ``compression``
@@ -798,8 +943,12 @@ def build_algorithm(
     hp = {k: v for k, v in spec.items() if k not in own and not _is_part(k, v)}
     spec = {k: v for k, v in spec.items() if k in own or _is_part(k, v)}
     label = spec.get("label", spec["name"])
+    if client_sizes is None and train_data is not None:
+        client_sizes = train_data.client_sizes
     for key in PER_CLIENT_KEYS:
-        if key in hp:
+        if key == "max_local_steps" and _is_budget_table(hp.get(key)):
+            hp[key] = _budget_sampler(f"{label}.{key}", hp[key], client_sizes)
+        elif key in hp:
             hp[key] = _per_client(f"{label}.{key}", hp[key], client_sizes,
                                   whole=key == "max_local_steps")
     make_opt = _CLIENT_OPTIMIZERS[spec.get("client_optimizer", "sgd")]
@@ -830,10 +979,12 @@ def build_algorithm(
         alg = algorithms_lib.with_compression(alg, compressor, **own_opts)
     if "aggregator" in spec:
         table = spec["aggregator"]
-        alg = algorithms_lib.with_aggregator(
-            alg, aggregators_lib.from_name(table["name"],
-                                           **{k: v for k, v in table.items() if k != "name"})
-        )
+        if table["name"] == FLTRUST:
+            aggregator = _fltrust_from(f"{label}.aggregator", table, spec, loss_fn, train_data)
+        else:
+            aggregator = aggregators_lib.from_name(
+                table["name"], **{k: v for k, v in table.items() if k != "name"})
+        alg = algorithms_lib.with_aggregator(alg, aggregator)
     if "privacy" in spec:
         alg = algorithms_lib.with_privacy(alg, **spec["privacy"])
     return alg._replace(name=label)
@@ -915,7 +1066,7 @@ def build(config: dict[str, Any]) -> Experiment:
     for spec in cfg["algorithms"]:
         try:
             algorithms[spec.get("label", spec["name"])] = build_algorithm(
-                spec, loss_fn, client_sizes=train.client_sizes
+                spec, loss_fn, client_sizes=train.client_sizes, train_data=train
             )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"algorithms ({spec['name']}): {e}") from e
@@ -971,6 +1122,10 @@ _SPEC_DEFAULTS = {
     ("training", "data_on"): "device",
     ("privacy", "delta"): DEFAULT_DELTA,
     ("privacy", "accountant"): "best",
+    ("evaluation", "personalized"): True,
+    ("evaluation", "fine_tune_steps"): 0,
+    ("evaluation", "fine_tune_learning_rate"): 0.1,
+    ("evaluation", "fine_tune_batch_size"): 10,
 }
 
 
@@ -1030,6 +1185,11 @@ def _algorithm_lines(name: str) -> list[str]:
         if key in PER_CLIENT_KEYS:
             hint = ("or per client: {per_client = [one value per client]} or "
                     "{per_client = 'size', scale = s, power = p}")
+        if key == "max_local_steps":
+            hint += ("; or drawn each round: {sample = 'straggler', fraction = p, max_steps = "
+                     "E}, {sample = 'uniform', low = a, high = b}, {sample = 'speed', "
+                     "max_steps = E, speeds = [one per client] or sigma = s, seed = 0, "
+                     "jitter = 0.0}")
         lines.append("    " + _param_line(key, p, hint))
     return lines
 
@@ -1107,12 +1267,23 @@ def reference(algorithm: str | None = None) -> str:
             out.append("  (data_on = 'host', fedjax-lab run: the examples stay in host memory and "
                        "each round's cohort is streamed to the device; under several processes "
                        "each loads only the clients of its own devices)")
+        if section == "evaluation":
+            out.append("  (personalized: for the algorithms whose clients keep their own model "
+                       "(apfl, ditto, fedbn, fedper, fedrep, ifca, lg_fedavg, pfedme) the summary "
+                       "adds personalized_accuracy_mean, each test client on its own model; "
+                       "fine_tune_steps > 0: every algorithm's summary adds "
+                       "fine_tuned_accuracy_mean, the final model fine-tuned that many SGD steps "
+                       "on each client's own training data, then tested on its own test data)")
         if section == "checkpoint":
             out.append("  (checkpoint.every must be a multiple of evaluation.every)")
     out += ["", "[[algorithms]] (one table per run)", *common, "  hyper-parameters by name:"]
     for name in sorted(REGISTRY):
         out += ["    " + line for line in _algorithm_lines(name)]
-    out += ["", *_registry_block("[algorithms.aggregator]", aggregators_lib.REGISTRY)]
+    out += ["", *_registry_block("[algorithms.aggregator]", aggregators_lib.REGISTRY),
+            f"  name = {FLTRUST!r}: root_examples: int = 100; root_batch_size: int = 10; "
+            "root_steps: int = one pass over the root set; root_learning_rate: float = the "
+            "entry's client_learning_rate; root_seed: int = 0  (FLTrust; its root set is a "
+            "seeded sample of the training examples, not held out from the clients)"]
     out += ["", *_registry_block("[algorithms.attack]", attacks_lib.REGISTRY,
                                  tuple(f"{k} (selection)" for k in _ATTACK_SELECTION))]
     out += ["", *_registry_block("[algorithms.compression]", compression_lib.REGISTRY,

@@ -24,6 +24,11 @@ per-client hyper-parameters        :class:`PerClient`, :func:`per_client`, :func
                                    :func:`is_per_client`, :func:`check_per_client`,
                                    :func:`check_step_budget`,
                                    :func:`client_optimizer_or_rates`
+heterogeneous compute              :class:`BudgetSampler` (a ``max_local_steps`` drawn per client
+                                   per round): :func:`straggler_budget` (FedProx),
+                                   :func:`uniform_budget`, :func:`speed_budget` with
+                                   :func:`lognormal_speeds`; :func:`client_budget`,
+                                   :func:`budget_metrics`, :data:`BUDGET_SAMPLERS`
 argument checks                    :func:`check_loss_fn`, :func:`check_count`,
                                    :func:`check_positive`, :func:`check_in_range`,
                                    :func:`check_num_clients`
@@ -95,13 +100,17 @@ from fedjax_lab.client import (
 from fedjax_lab.data import _validate
 
 __all__ = [
+    "BUDGET_SALT",
+    "BUDGET_SAMPLERS",
     "DEFAULT_CLIENT_LEARNING_RATE",
+    "BudgetSampler",
     "Correction",
     "LocalResult",
     "PerClient",
     "Regularizer",
     "StepFn",
     "apply_server_optimizer",
+    "budget_metrics",
     "check_count",
     "check_in_range",
     "check_loss_fn",
@@ -109,6 +118,7 @@ __all__ = [
     "check_per_client",
     "check_positive",
     "check_step_budget",
+    "client_budget",
     "client_delta",
     "data_check",
     "client_optimizer",
@@ -121,6 +131,7 @@ __all__ = [
     "is_per_client",
     "local_loop",
     "local_training",
+    "lognormal_speeds",
     "per_client",
     "population_size",
     "proximal",
@@ -129,8 +140,11 @@ __all__ = [
     "server_optimizer",
     "server_state",
     "server_step",
+    "speed_budget",
     "stateless_aggregator",
     "step_budget",
+    "straggler_budget",
+    "uniform_budget",
     "zeros_per_client",
 ]
 
@@ -367,8 +381,9 @@ def data_check(loss_fn: Any, **hyper_parameters: Any) -> Callable[[Any], Any] | 
     a :class:`~fedjax_lab.data.FederatedData` against it; pass this to
     ``FederatedAlgorithm(..., check_data=kit.data_check(loss_fn))`` so that
     :func:`fedjax_lab.run_rounds` refuses unfit data before compiling. Hyper-parameters given
-    by keyword that are :class:`PerClient` are checked too: one value per client of the data
-    (:func:`check_per_client`); scalars are ignored.
+    by keyword that are :class:`PerClient` (or a :class:`BudgetSampler` reading per-client
+    speeds) are checked too: one value per client of the data (:func:`check_per_client`);
+    scalars are ignored.
 
     Example:
       >>> data_check(lambda p, b, k: 0.0) is None
@@ -377,7 +392,9 @@ def data_check(loss_fn: Any, **hyper_parameters: Any) -> Callable[[Any], Any] | 
       False
     """
     check = getattr(loss_fn, "check_data", None)
-    per = {k: v for k, v in hyper_parameters.items() if isinstance(v, PerClient)}
+    per = {k: v for k, v in hyper_parameters.items()
+           if isinstance(v, PerClient)
+           or (isinstance(v, BudgetSampler) and isinstance(v.speeds, PerClient))}
     if not per:
         return check
 
@@ -560,6 +577,8 @@ def check_per_client(num_clients: int | None, **hyper_parameters: Any) -> None:
     if num_clients is None:
         return
     for name, value in hyper_parameters.items():
+        if isinstance(value, BudgetSampler) and isinstance(value.speeds, PerClient):
+            name, value = f"{name} (its speeds)", value.speeds
         if isinstance(value, PerClient) and value.values.shape[0] != num_clients:
             raise ValueError(
                 f"{name}: per_client gives {value.values.shape[0]} values, but the population "
@@ -583,8 +602,9 @@ def _check_per_client_values(name: str, value: PerClient, *, allow_zero: bool, h
 
 
 def check_step_budget(name: str, value: Any) -> None:
-    """A local-step budget: ``None`` (no cap), a whole number ``>= 0`` or a :class:`PerClient`
-    of whole numbers ``>= 0`` (a client of budget 0 does no local step).
+    """A local-step budget: ``None`` (no cap), a whole number ``>= 0``, a :class:`PerClient`
+    of whole numbers ``>= 0`` (a client of budget 0 does no local step) or a
+    :class:`BudgetSampler` (a budget drawn each round, see :func:`straggler_budget`).
 
     Example:
       >>> check_step_budget("max_local_steps", per_client([2, 0, 5]))
@@ -594,8 +614,8 @@ def check_step_budget(name: str, value: Any) -> None:
       ...     print(e)
       max_local_steps: every per-client budget must be a whole number >= 0; client 1 has 1.5.
     """
-    if value is None:
-        return
+    if value is None or isinstance(value, BudgetSampler):
+        return  # a sampler's factory checked its own arguments
     if isinstance(value, PerClient):
         if isinstance(value.values, jax.core.Tracer):
             return
@@ -611,6 +631,262 @@ def check_step_budget(name: str, value: Any) -> None:
     if isinstance(value, float):
         raise ValueError(f"{name}: expected a whole number >= 0 or None, got {value!r}.")
     check_count(name, value, 0)
+
+
+# ------------------------------------------------------------------ sampled local-step budgets
+
+
+BUDGET_SALT = 0x42554447  # "BUDG"
+"""A sampled budget is drawn from ``fold_in(client_key, BUDGET_SALT)``: a key of its own, so the
+client's training keys (``split(client_key, S)`` in :func:`local_loop`) are unchanged."""
+
+
+class BudgetSampler(NamedTuple):
+    """A local-step budget drawn for each cohort client, each round, inside the compiled round.
+
+    Give it wherever a builder takes ``max_local_steps`` (``fed_avg``, ``fed_opt``,
+    ``fed_prox``, ``ditto``): heterogeneous compute (stragglers, slow devices, FedProx's
+    variable local work) as a budget that masks the steps beyond it exactly as padding is
+    masked (:func:`step_budget`). The draw is a pure function of the client's key of the round
+    (see :func:`client_budget`), so a run is reproducible, resumes bit for bit, and every client
+    of a vmapped cohort runs the same program (only the mask differs).
+
+    Attributes:
+      draw: ``draw(key, client_id) -> int32 budget >= 0`` for one client; ``key`` is
+        ``fold_in(client_key, BUDGET_SALT)``.
+      name: the budget model (``"straggler"``, ``"uniform"``, ``"speed"``, or your own).
+      speeds: the :class:`PerClient` speeds a ``"speed"`` sampler reads (their length is
+        checked against the population), else ``None``.
+
+    Example (a budget model of your own: 1 or 3 steps, at random):
+      >>> import jax, jax.numpy as jnp
+      >>> odd = BudgetSampler(lambda k, i: 1 + 2 * jax.random.bernoulli(k).astype(jnp.int32),
+      ...                     "one_or_three")
+      >>> int(client_budget(odd, jnp.int32(0), jax.random.key(0))) in (1, 3)
+      True
+    """
+
+    draw: Callable[[PRNGKey, jax.Array], jax.Array]
+    name: str = "custom"
+    speeds: PerClient | None = None
+
+
+def client_budget(max_local_steps: Any, client_id: jax.Array, key: PRNGKey) -> Any:
+    """One client's local-step budget this round: what ``local_training``'s ``max_steps`` takes.
+
+    * ``None`` or a whole number: returned unchanged (no cap, or the same cap for every client);
+    * a :class:`PerClient`: the client's entry (:func:`for_client`);
+    * a :class:`BudgetSampler`: ``sampler.draw(fold_in(key, BUDGET_SALT), client_id)``, where
+      ``key`` is the key the round hands the client (``client_update``'s ``key``).
+
+    Args:
+      max_local_steps: the builder's ``max_local_steps``.
+      client_id: ``client.client_id``.
+      key: the client's key of the round.
+
+    Returns:
+      The budget (``None``, an int or an int32 scalar).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> client_budget(per_client([4, 2]), jnp.int32(1), jax.random.key(0)).tolist()
+      2.0
+      >>> b = client_budget(uniform_budget(2, 5), jnp.int32(0), jax.random.key(0))
+      >>> 2 <= int(b) <= 5
+      True
+    """
+    if isinstance(max_local_steps, BudgetSampler):
+        return max_local_steps.draw(jax.random.fold_in(key, BUDGET_SALT), client_id)
+    return for_client(max_local_steps, client_id)
+
+
+def budget_metrics(max_local_steps: Any, budget: Any, weight: jax.Array) -> dict[str, jax.Array]:
+    """The round metrics of a sampled budget: ``{}`` unless ``max_local_steps`` is a sampler.
+
+    With a :class:`BudgetSampler` a counted client (``weight > 0``; padding slots add 0)
+    reports ``local_step_budget`` (its budget) and ``budget_clients`` (1); summed over the
+    cohort, ``local_step_budget / budget_clients`` is the cohort's mean budget and
+    ``num_steps / budget_clients`` the mean of the steps actually taken (fewer where a client's
+    data or the round's ``local_steps`` ran out first). ``fedjax-lab run`` writes both
+    (``mean_local_step_budget``, ``mean_local_steps``) to ``metrics.jsonl``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> m = budget_metrics(uniform_budget(1, 3), jnp.int32(2), jnp.float32(5.0))
+      >>> {k: float(v) for k, v in m.items()}
+      {'local_step_budget': 2.0, 'budget_clients': 1.0}
+      >>> budget_metrics(4, 4, jnp.float32(5.0))
+      {}
+    """
+    if not isinstance(max_local_steps, BudgetSampler):
+        return {}
+    counted = jnp.asarray(weight) > 0
+    return {
+        "local_step_budget": jnp.where(counted, jnp.asarray(budget, jnp.float32), 0.0),
+        "budget_clients": counted.astype(jnp.float32),
+    }
+
+
+def straggler_budget(fraction: float, max_steps: int) -> BudgetSampler:
+    """FedProx's stragglers: a fraction of the cohort does less local work, drawn each round.
+
+    Each cohort client, each round, independently: with probability ``fraction`` (``p``) it is
+    a straggler and its budget is drawn uniformly from ``{1, ..., max_steps}``; otherwise it
+    does the full ``max_steps`` (``E``). So a cohort of ``C`` holds ``Binomial(C, p)``
+    stragglers (``p C`` on average) and the mean budget is ``E - p (E - 1) / 2``. The draw, with
+    ``k = fold_in(client_key, BUDGET_SALT)`` and ``k_s, k_b = split(k)``:
+    ``straggler = uniform(k_s) < p``, ``budget = randint(k_b, 1, E + 1) if straggler else E``.
+
+    The budget counts local steps (mini-batches). The paper counts ``E`` in local epochs; with
+    a fixed ``local_steps = E`` per round (``run_rounds(..., local_steps=E)``) a step is the
+    unit of work, and ``E`` epochs of a client with ``n`` examples are ``E ceil(n / B)`` steps.
+    A budget above the round's steps (or the client's real steps) simply does not bind.
+
+    Args:
+      fraction: ``p`` in ``[0, 1]`` (the paper uses 0, 0.5 and 0.9).
+      max_steps: ``E >= 1``, the full local work.
+
+    Returns:
+      A :class:`BudgetSampler` for ``max_local_steps``.
+
+    References:
+      Li, Sahu, Zaheer, Sanjabi, Talwalkar & Smith, "Federated Optimization in Heterogeneous
+      Networks", MLSys 2020, Section 5.2 (systems heterogeneity).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> s = straggler_budget(0.5, 10)
+      >>> keys = jax.random.split(jax.random.key(0), 8)  # 8 rounds' keys of client 0
+      >>> b = [int(client_budget(s, jnp.int32(0), k)) for k in keys]
+      >>> all(1 <= x <= 10 for x in b), s.name
+      (True, 'straggler')
+    """
+    check_in_range("fraction", fraction, 0.0, 1.0, hint=" (the share of stragglers)")
+    e = check_count("max_steps", max_steps, 1)
+
+    def draw(key: PRNGKey, client_id: jax.Array) -> jax.Array:
+        del client_id
+        k_straggler, k_steps = jax.random.split(key)
+        straggler = jax.random.uniform(k_straggler) < fraction
+        partial = jax.random.randint(k_steps, (), 1, e + 1, dtype=jnp.int32)
+        return jnp.where(straggler, partial, jnp.int32(e))
+
+    return BudgetSampler(draw, "straggler")
+
+
+def uniform_budget(low: int, high: int) -> BudgetSampler:
+    """Each cohort client's budget drawn uniformly from ``{low, ..., high}`` each round.
+
+    ``budget = randint(fold_in(client_key, BUDGET_SALT), low, high + 1)``: e.g. FedNova's
+    experiments draw each client's local work per round uniformly from a range. ``low = 0``
+    lets a client do nothing (its delta is zero but it keeps its weight).
+
+    Args:
+      low: the smallest budget, ``>= 0``.
+      high: the largest budget, ``>= low``.
+
+    Returns:
+      A :class:`BudgetSampler` for ``max_local_steps``.
+
+    References:
+      Wang, Liu, Liang, Joshi & Poor, "Tackling the Objective Inconsistency Problem in
+      Heterogeneous Federated Optimization", NeurIPS 2020 (FedNova).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> int(client_budget(uniform_budget(3, 3), jnp.int32(0), jax.random.key(1)))
+      3
+    """
+    lo = check_count("low", low, 0)
+    hi = check_count("high", high, 0)
+    if hi < lo:
+        raise ValueError(f"high: must be >= low = {lo}, got {hi}.")
+
+    def draw(key: PRNGKey, client_id: jax.Array) -> jax.Array:
+        del client_id
+        return jax.random.randint(key, (), lo, hi + 1, dtype=jnp.int32)
+
+    return BudgetSampler(draw, "uniform")
+
+
+def speed_budget(speeds: Any, max_steps: int, *, jitter: float = 0.0) -> BudgetSampler:
+    """Fixed per-client compute speeds: a client does what its speed allows before a deadline.
+
+    Client ``i`` has a fixed relative speed ``s_i`` (``1``: the reference device, which does
+    ``max_steps`` in the round's time). Each round its budget is
+
+    ``budget_i = clip(floor(max_steps * s_i * exp(jitter * z - jitter² / 2)), 0, max_steps)``,
+
+    ``z ~ N(0, 1)`` drawn from ``fold_in(client_key, BUDGET_SALT)`` (a lognormal slow-down or
+    speed-up of mean 1 for that round; ``jitter = 0``: the same budget every round), computed
+    in float32. A client whose speed gives less than one step does none that round (its delta
+    is zero but it keeps its weight). :func:`lognormal_speeds` draws a population's speeds.
+
+    Args:
+      speeds: one speed ``>= 0`` per client of the population (a :class:`PerClient`, or numbers
+        turned into one).
+      max_steps: the steps of a speed-1 client, ``>= 1``.
+      jitter: the lognormal round-to-round variation ``>= 0`` (the standard deviation of
+        ``log``-speed).
+
+    Returns:
+      A :class:`BudgetSampler` for ``max_local_steps`` (its ``speeds`` are checked against the
+      population at ``alg.init(params, num_clients)`` and before ``run_rounds`` compiles).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> s = speed_budget([1.0, 0.5, 0.05], 10)
+      >>> [int(client_budget(s, jnp.int32(i), jax.random.key(0))) for i in range(3)]
+      [10, 5, 0]
+    """
+    speeds = per_client(speeds)
+    check_positive("speeds", speeds, allow_zero=True, hint=" (a relative compute speed)")
+    e = check_count("max_steps", max_steps, 1)
+    check_positive("jitter", jitter, allow_zero=True)
+
+    def draw(key: PRNGKey, client_id: jax.Array) -> jax.Array:
+        s = for_client(speeds, client_id).astype(jnp.float32)
+        z = jax.random.normal(key, (), jnp.float32)
+        factor = jnp.exp(jitter * z - 0.5 * jitter * jitter).astype(jnp.float32)
+        steps = jnp.floor(jnp.float32(e) * s * factor)
+        return jnp.clip(steps, 0, e).astype(jnp.int32)
+
+    return BudgetSampler(draw, "speed", speeds)
+
+
+def lognormal_speeds(num_clients: int, sigma: float, *, seed: int = 0) -> PerClient:
+    """Fixed lognormal compute speeds for a population, relative to its fastest client.
+
+    ``z_i ~ N(0, 1)`` from ``numpy.random.default_rng(seed)``; ``s_i = exp(sigma (z_i - max_j
+    z_j))``, so the fastest client has speed 1 and the others ``exp(-sigma Δz)`` of it
+    (``sigma = 0``: all 1). For :func:`speed_budget`.
+
+    Args:
+      num_clients: ``N >= 1``.
+      sigma: the standard deviation of log-speed, ``>= 0``.
+      seed: the NumPy seed (the speeds are fixed for the run).
+
+    Returns:
+      A :class:`PerClient` of ``N`` speeds in ``(0, 1]``.
+
+    Example:
+      >>> s = lognormal_speeds(5, 1.0, seed=0).values
+      >>> float(s.max()), bool((s > 0).all())
+      (1.0, True)
+    """
+    n = check_count("num_clients", num_clients, 1)
+    check_positive("sigma", sigma, allow_zero=True)
+    seed = check_count("seed", seed, 0)
+    z = np.random.default_rng(seed).standard_normal(n)
+    return per_client(np.exp(sigma * (z - z.max())))
+
+
+BUDGET_SAMPLERS: dict[str, Callable[..., BudgetSampler]] = {
+    "straggler": straggler_budget,
+    "uniform": uniform_budget,
+    "speed": speed_budget,
+}
+"""The budget models by name (``max_local_steps = {sample = NAME, ...}`` in a config)."""
 
 
 # --------------------------------------------------------------------------------- server side

@@ -43,7 +43,9 @@ __all__ = [
     "stack_clients",
 ]
 
-PERSONALIZED_ALGORITHMS = ("apfl", "ditto", "fedper", "fedrep", "ifca", "lg_fedavg", "pfedme")
+PERSONALIZED_ALGORITHMS = (
+    "apfl", "ditto", "fedbn", "fedper", "fedrep", "ifca", "lg_fedavg", "pfedme",
+)
 """The registered algorithms whose clients have their own model (:func:`personal_models`)."""
 
 EvalFn = Callable[[Params, Batch], dict[str, jax.Array]]
@@ -403,6 +405,8 @@ def personal_models(algorithm: str, state: Any, **options: Any) -> PyTree:
     ``"fedrep"``, ``"fedper"``     the global body with its own head (options: ``global_mask``
                                    or ``local_keys``, as given to the algorithm)
     ``"lg_fedavg"``                its own representation with the global head (same options)
+    ``"fedbn"``                    the global model with its own BatchNorm layers and
+                                   statistics (option ``local_keys``, as given to the algorithm)
     ``"apfl"``                     ``α_i v_i + (1 - α_i) w``
     ``"ifca"``                     the cluster model it chose (option ``choices``, ``i32[N]``;
                                    default its latest choice, see
@@ -421,7 +425,8 @@ def personal_models(algorithm: str, state: Any, **options: Any) -> PyTree:
             "others have one global model: evaluate state.params, or fine_tune_evaluate)."
         )
     allowed = {"fedrep": ("global_mask", "local_keys"), "fedper": ("global_mask", "local_keys"),
-               "lg_fedavg": ("global_mask", "local_keys"), "ifca": ("choices",)}
+               "lg_fedavg": ("global_mask", "local_keys"), "ifca": ("choices",),
+               "fedbn": ("local_keys",)}
     extra = sorted(set(options) - set(allowed.get(algorithm, ())))
     if extra:
         raise ValueError(
@@ -434,6 +439,15 @@ def personal_models(algorithm: str, state: Any, **options: Any) -> PyTree:
         return partial_lib.personal_params(state, **options)
     if algorithm == "lg_fedavg":
         return partial_lib.personal_params(state, local="body", **options)
+    if algorithm == "fedbn":
+        if not state.client_states:
+            raise ValueError(
+                "state: this FedBN state keeps no client state (its model has no BatchNorm "
+                "layer), so every client's model is the global one: evaluate state.params."
+            )
+        mask = partial_lib.batch_norm_mask(state.params, options.get("local_keys", "BatchNorm"),
+                                           strict=False)
+        return partial_lib.personal_params(state, global_mask=mask)
     if algorithm in ("ifca", "apfl"):
         return _algorithm_module(algorithm).personal_params(state, **options)
     kit.require_client_state(state.client_states, algorithm)

@@ -17,7 +17,9 @@ client alike (weights only mask); ``total_weight`` is the sum of the counted wei
 :func:`bulyan`             ``n - 2f`` updates chosen by iterated Krum, then per coordinate the mean
                            of the ``n - 4f`` closest to their median (El Mhamdi et al. 2018)
 :func:`fltrust`            each update rescaled to the norm of a server update on clean root
-                           data, weighted by ReLU(cosine) with it (Cao et al. 2021)
+                           data, weighted by ReLU(cosine) with it (Cao et al. 2021); its root
+                           data: :func:`fltrust_root_batches`, its update
+                           :func:`fltrust_root_update`
 =========================  ======================================================================
 
 FLTrust needs the server's own update at the round's current params: it computes it in the
@@ -31,6 +33,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_lab._types import Aggregator, Batch, LossFn, Params, PRNGKey, PyTree
@@ -40,6 +43,7 @@ __all__ = [
     "centered_clipping",
     "coordinate_median",
     "fltrust",
+    "fltrust_root_batches",
     "fltrust_root_update",
     "geometric_median",
     "krum",
@@ -482,9 +486,11 @@ def fltrust(root_update_fn: Callable[[Params, PRNGKey], PyTree]) -> Aggregator:
     positive trust the aggregate is zeros and the total weight 0 (the round is skipped);
     otherwise the total weight is the sum of the counted clients' weights.
 
-    It needs the server's data, so it is built in Python (``fl.algorithms.with_aggregator(alg,
-    fl.robust.fltrust(fl.robust.fltrust_root_update(loss_fn, root_batches)))``), not by name
-    from a config's ``[aggregator]`` table.
+    It needs the server's data: in Python, ``fl.algorithms.with_aggregator(alg,
+    fl.robust.fltrust(fl.robust.fltrust_root_update(loss_fn, root_batches)))`` with, e.g.,
+    ``root_batches = fl.robust.fltrust_root_batches(train_data, 100, 10)``; in a config, the
+    table ``aggregator = {name = "fltrust", root_examples = 100, ...}`` builds exactly that
+    from the training data (see :func:`fltrust_root_batches`).
 
     Args:
       root_update_fn: ``root_update_fn(params, key) -> update``, a tree like the params with
@@ -598,3 +604,81 @@ def fltrust_root_update(
         return jax.tree.map(jnp.subtract, params, trained)
 
     return root_update_fn
+
+
+def fltrust_root_batches(
+    data, num_examples: int = 100, batch_size: int = 10, *, num_steps: int | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """FLTrust's root dataset: a fixed, seeded sample of the training examples, as batches.
+
+    ``num_examples`` distinct examples are drawn uniformly, without replacement, from all the
+    examples of ``data`` (the union of the clients' data: the FLTrust paper's root dataset, a
+    small clean sample of the training distribution), with ``numpy.random.default_rng(seed)``.
+    They are NOT held out: the clients keep training on their own copies, as in the paper's
+    setting where the server collects its root data itself. The batches walk the sample in
+    epochs, each a fresh permutation from the same generator, cut into ``num_steps`` batches
+    of ``batch_size`` examples; ``num_steps=None`` is one pass (``ceil(num_examples /
+    batch_size)`` batches, the last one's missing examples padding: ``mask`` 0). The batches
+    are fixed for the run (the server trains on the same ones every round).
+
+    Args:
+      data: the training data (a :class:`~fedjax_lab.data.FederatedData`).
+      num_examples: the root set's size ``>= 1`` (the paper: 100), at most the examples held.
+      batch_size: examples a root step ``>= 1``.
+      num_steps: root SGD steps ``>= 1`` (``None``: one pass over the root set).
+      seed: the NumPy seed ``>= 0``.
+
+    Returns:
+      A dict of ``[S, B, ...]`` arrays, one per example key of ``data``, plus ``mask``
+      ``f32[S, B]``: the ``root_batches`` of :func:`fltrust_root_update`.
+
+    References:
+      Cao, Fang, Liu, Gong, "FLTrust: Byzantine-robust Federated Learning via Trust
+      Bootstrapping", NDSS 2021 (Section 5: the root dataset sampled from the training data).
+
+    Example:
+      >>> import numpy as np, fedjax_lab as fl
+      >>> data = fl.FederatedData.from_client_arrays(
+      ...     [{"x": np.arange(4.0), "y": np.zeros(4, np.int32)}, {"x": np.arange(3.0),
+      ...      "y": np.ones(3, np.int32)}])
+      >>> root = fltrust_root_batches(data, 5, 2)
+      >>> root["x"].shape, root["mask"].tolist()
+      ((3, 2), [[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+      >>> fltrust_root_batches(data, 5, 2, num_steps=4)["mask"].sum()  # two epochs, all real
+      np.float32(8.0)
+    """
+    from fedjax_lab.data import _validate
+
+    total = int(getattr(data, "num_examples", 0) or 0)
+    if not hasattr(data, "examples") or total == 0:
+        raise TypeError(
+            "data: expected the training data (a fl.FederatedData holding examples), got "
+            f"{type(data).__name__}."
+        )
+    n = _validate.check_count(num_examples, "num_examples")
+    b = _validate.check_count(batch_size, "batch_size")
+    if num_steps is not None:
+        num_steps = _validate.check_count(num_steps, "num_steps")
+    seed = _validate.check_count(seed, "seed", minimum=0)
+    if n > total:
+        raise ValueError(
+            f"num_examples: the root set is drawn from the {total} training examples without "
+            f"replacement; got {n}, use <= {total}."
+        )
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(total, size=n, replace=False)
+    steps = -(-n // b) if num_steps is None else num_steps
+    positions = steps * b
+    if num_steps is None:
+        order = chosen[rng.permutation(n)]
+        real = np.arange(positions) < n
+        order = np.concatenate([order, np.full(positions - n, order[0])])
+    else:
+        epochs = -(-positions // n)
+        order = np.concatenate([chosen[rng.permutation(n)] for _ in range(epochs)])[:positions]
+        real = np.ones(positions, bool)
+    out = {k: np.asarray(v)[order].reshape((steps, b) + np.shape(v)[1:])
+           for k, v in data.examples.items() if k != "mask"}
+    out["mask"] = real.astype(np.float32).reshape(steps, b)
+    return out

@@ -718,9 +718,11 @@ def _example_alg(loss_fn, lr):
 class _ConfigAlgorithm:
     """``make_algorithm`` for a config's ``[sweep]``: hashable by the spec it was built from."""
 
-    def __init__(self, spec: dict[str, Any], loss_fn: Callable, client_sizes: tuple = ()):
+    def __init__(self, spec: dict[str, Any], loss_fn: Callable, client_sizes: tuple = (),
+                 train_data: Any = None):
         self.spec, self.loss_fn, self.client_sizes = spec, loss_fn, client_sizes
-        self._key = (repr(sorted(spec.items())), id(loss_fn), client_sizes)
+        self.train_data = train_data  # FLTrust's root set is drawn from it
+        self._key = (repr(sorted(spec.items())), id(loss_fn), client_sizes, id(train_data))
 
     def __hash__(self) -> int:
         return hash(self._key)
@@ -732,7 +734,8 @@ class _ConfigAlgorithm:
         from fedjax_lab.experiment import build_algorithm
 
         return build_algorithm({**self.spec, **hp}, self.loss_fn,
-                               client_sizes=self.client_sizes or None)
+                               client_sizes=self.client_sizes or None,
+                               train_data=self.train_data)
 
 
 def run_sweep_config(
@@ -771,7 +774,8 @@ def run_sweep_config(
     training = cfg["training"]
     rows = sweep(
         _ConfigAlgorithm(base, experiment.loss_fn,
-                         tuple(int(n) for n in experiment.train.client_sizes)),
+                         tuple(int(n) for n in experiment.train.client_sizes),
+                         experiment.train),
         grid(**table),
         experiment.model.init,
         experiment.train,

@@ -377,3 +377,66 @@ def test_new_methods_are_registered_and_build_from_their_configs():
     assert jax.tree.leaves(models)[0].shape[0] == 4
     with pytest.raises(exp_lib.ConfigError, match="num_clusters"):
         exp_lib.validate({"algorithms": [{"name": "ifca", "num_clusters": 0}]})
+
+
+# ------------------------------------------------------- per-client evaluation in the CLI
+
+
+def _tiny_experiment(**evaluation):
+    cfg = {"data": {"name": "digits", "num_clients": 6, "partition": "dirichlet", "alpha": 0.5,
+                    "seed": 0},
+           "model": {"name": "mlp", "hidden": [8], "batch_norm": True},
+           "training": {"rounds": 1, "cohort_size": 2},
+           "evaluation": {"every": 1, **evaluation}, "checkpoint": {"every": 1},
+           "algorithms": [{"name": "lg_fedavg", "local_keys": "Dense_0"}, {"name": "fedbn"}]}
+    return exp_lib.build(cfg)
+
+
+def _by_hand_mean_accuracy(ex, models):
+    accs = []
+    test = ex.test
+    for i in range(test.num_clients):
+        lo, hi = int(test.offsets[i]), int(test.offsets[i + 1])
+        own = jax.tree.map(lambda m, i=i: m[i], models)
+        logits = ex.model.apply(own, jnp.asarray(test.examples["x"][lo:hi]))
+        accs.append(np.mean(np.argmax(np.asarray(logits), -1) == test.examples["y"][lo:hi]))
+    return float(np.mean(accs))
+
+
+def test_cli_reports_each_client_on_its_own_model():
+    from fedjax_lab import cli
+
+    ex = _tiny_experiment(fine_tune_steps=2)
+    params = ex.model.init(jax.random.key(0))
+    for label in ("lg_fedavg", "fedbn"):
+        spec = next(a for a in ex.config["algorithms"] if a["name"] == label)
+        state = ex.algorithms[label].init(params, num_clients=ex.train.num_clients)
+        noise = iter(jax.random.split(jax.random.key(1), len(state.client_states)))
+        state = state._replace(client_states=tuple(
+            c + 0.5 * jax.random.normal(next(noise), c.shape) for c in state.client_states))
+        got = cli._personal_metrics(ex, spec, state, seed=1, warn=False)
+        own = personal_models(label, state, **({"local_keys": "Dense_0"}
+                                               if label == "lg_fedavg" else {}))
+        assert got["personalized_accuracy_mean"] == pytest.approx(
+            _by_hand_mean_accuracy(ex, own), abs=1e-6)
+        tuned = fl.personalization.fine_tune_evaluate(
+            ex.loss_fn, ex.eval_fn, optax.sgd(0.1), state.params, ex.train, ex.test, steps=2,
+            batch_size=10, key=jax.random.key(1))
+        assert got["fine_tuned_accuracy_mean"] == pytest.approx(
+            float(tuned["personalized_accuracy_mean"]), abs=1e-6)
+    # FedBN's own model: the global Dense layers, the client's own BatchNorm entries
+    mask = partial_lib.batch_norm_mask(state.params)
+    for m, g, o in zip(jax.tree.leaves(mask), jax.tree.leaves(state.params),
+                       jax.tree.leaves(own), strict=True):
+        if m:
+            np.testing.assert_array_equal(np.asarray(o), np.broadcast_to(g, o.shape))
+    np.testing.assert_array_equal(np.asarray(own["batch_stats"]["BatchNorm_0"]["mean"]),
+                                  np.asarray(state.client_states[0]))
+
+
+def test_cli_per_client_evaluation_options_are_checked():
+    with pytest.raises(exp_lib.ConfigError, match="evaluation.personalized: expected true"):
+        exp_lib.validate({"evaluation": {"personalized": 1}})
+    with pytest.raises(exp_lib.ConfigError, match="evaluation.fine_tune_steps: must be >= 0"):
+        exp_lib.validate({"evaluation": {"fine_tune_steps": -1}})
+    assert "fine_tuned_accuracy_mean" in exp_lib.reference()

@@ -36,7 +36,7 @@ def ditto(
     server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,
     client_learning_rate: float | kit.PerClient | None = None,
-    max_local_steps: int | kit.PerClient | None = None,
+    max_local_steps: int | kit.PerClient | kit.BudgetSampler | None = None,
     unroll: int | bool = 1,
     name: str = "ditto",
 ) -> FederatedAlgorithm:
@@ -65,8 +65,9 @@ def ditto(
       client_learning_rate: instead of ``client_optimizer``: SGD at this rate, scalar or per
         client (:func:`fedjax_lab.kit.per_client`); the personal part uses it too unless
         ``personal_optimizer`` is given.
-      max_local_steps: cap on each client's real local steps (both parts), a whole number or
-        per client.
+      max_local_steps: cap on each client's real local steps (both parts), a whole number,
+        per client, or sampled each round (:class:`~fedjax_lab.kit.BudgetSampler`; one draw
+        serves both parts).
       unroll: ``lax.scan`` unroll of the local steps.
       name: a label for logs and tables.
 
@@ -114,9 +115,8 @@ def ditto(
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
         kit.require_client_state(client.state, name)
         w = state.params
-        lam_i, lr, steps = kit.for_client(
-            (lam, client_learning_rate, max_local_steps), client.client_id
-        )
+        lam_i, lr = kit.for_client((lam, client_learning_rate), client.client_id)
+        steps = kit.client_budget(max_local_steps, client.client_id, key)
         if lr_per_client:
             global_train = kit.local_training(loss_fn, optax.sgd(lr), unroll=unroll)
             personal_opt = personal_optimizer if personal_given else optax.sgd(lr)
@@ -131,7 +131,8 @@ def ditto(
         personal = kit.local_training(personal_loss, personal_opt, unroll=unroll)
         # all-masked (or over-budget) steps: v unchanged
         v = personal(client.state, client.batches, key, max_steps=steps).params
-        return ClientOutput(kit.client_delta(w, result.params), client.weight, result.metrics, v)
+        metrics = {**result.metrics, **kit.budget_metrics(max_local_steps, steps, client.weight)}
+        return ClientOutput(kit.client_delta(w, result.params), client.weight, metrics, v)
 
     server_update = kit.server_step(server_optimizer)
 

@@ -43,7 +43,7 @@ def fed_opt(
     *,
     server_learning_rate: float = 1.0,
     client_learning_rate: float | kit.PerClient | None = None,
-    max_local_steps: int | kit.PerClient | None = None,
+    max_local_steps: int | kit.PerClient | kit.BudgetSampler | None = None,
     aggregator: Aggregator | None = None,
     regularizer: Regularizer | None = None,
     unroll: int | bool = 1,
@@ -68,7 +68,9 @@ def fed_opt(
         (``> 0``), or at a per-client rate (:func:`fedjax_lab.kit.per_client`, each ``>= 0``;
         a client of rate 0 sends a zero delta).
       max_local_steps: optional cap on each client's real local steps (``>= 0``; a whole
-        number or a :func:`fedjax_lab.kit.per_client` budget); ``None``: no cap.
+        number, a :func:`fedjax_lab.kit.per_client` budget, or a
+        :class:`~fedjax_lab.kit.BudgetSampler` drawing each client's budget each round, e.g.
+        :func:`fedjax_lab.kit.straggler_budget`); ``None``: no cap.
       aggregator: how client deltas are combined (default
         :func:`fedjax_lab.aggregators.weighted_mean`).
       regularizer: optional local regulariser ``(params, server_params) -> scalar``.
@@ -105,7 +107,7 @@ def fed_opt_core(
     *,
     server_learning_rate: float,
     client_learning_rate: float | kit.PerClient | None,
-    max_local_steps: int | kit.PerClient | None,
+    max_local_steps: int | kit.PerClient | kit.BudgetSampler | None,
     aggregator: Aggregator | None,
     regularizer: Regularizer | None,
     unroll: int | bool,
@@ -148,11 +150,12 @@ def fed_opt_core(
         return kit.server_state(params, server_optimizer, aggregator)
 
     def client_update(state: ServerState, client: ClientInput, key: PRNGKey) -> ClientOutput:
-        steps = kit.for_client(max_local_steps, client.client_id)
+        steps = kit.client_budget(max_local_steps, client.client_id, key)
         result = client_train(client.client_id)(state.params, client.batches, key,
                                                 max_steps=steps)
+        metrics = {**result.metrics, **kit.budget_metrics(max_local_steps, steps, client.weight)}
         return ClientOutput(kit.client_delta(state.params, result.params), client.weight,
-                            result.metrics, ())
+                            metrics, ())
 
     server_update = kit.server_step(server_optimizer)
     return FederatedAlgorithm(init, client_update, aggregator, server_update, name,
@@ -167,7 +170,7 @@ def fed_avg(
     server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,
     client_learning_rate: float | kit.PerClient | None = None,
-    max_local_steps: int | kit.PerClient | None = None,
+    max_local_steps: int | kit.PerClient | kit.BudgetSampler | None = None,
     aggregator: Aggregator | None = None,
     unroll: int | bool = 1,
     skip_empty_steps: bool = True,
@@ -185,7 +188,8 @@ def fed_avg(
       server_learning_rate: ``η_g`` (1.0 = plain averaging).
       client_learning_rate: instead of ``client_optimizer``: local SGD at this rate, or at a
         per-client rate (:func:`fedjax_lab.kit.per_client`), as in :func:`fed_opt`.
-      max_local_steps: cap on each client's real local steps (a whole number or per client).
+      max_local_steps: cap on each client's real local steps (a whole number, per client, or
+        sampled each round: :class:`~fedjax_lab.kit.BudgetSampler`).
       aggregator: how client deltas are combined (default weighted mean).
       unroll: ``lax.scan`` unroll of the local steps.
       skip_empty_steps: see :func:`fedjax_lab.client.local_loop`.

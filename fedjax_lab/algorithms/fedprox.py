@@ -21,7 +21,7 @@ def fed_prox(
     server_optimizer: optax.GradientTransformation | None = None,
     server_learning_rate: float = 1.0,
     client_learning_rate: float | kit.PerClient | None = None,
-    max_local_steps: int | kit.PerClient | None = None,
+    max_local_steps: int | kit.PerClient | kit.BudgetSampler | None = None,
     aggregator: Aggregator | None = None,
     unroll: int | bool = 1,
     skip_empty_steps: bool = True,
@@ -43,8 +43,10 @@ def fed_prox(
       server_learning_rate: the FedSGD rate when ``server_optimizer`` is ``None``.
       client_learning_rate: instead of ``client_optimizer``: local SGD at this rate (scalar or
         per client), as in :func:`~fedjax_lab.algorithms.fed_opt`.
-      max_local_steps: cap on each client's real local steps (a whole number or per client);
-        FedProx's unequal local work.
+      max_local_steps: cap on each client's real local steps (a whole number or per client),
+        or FedProx's unequal local work drawn each round: ``kit.straggler_budget(p, E)`` (a
+        fraction ``p`` of the cohort does ``U{1..E}`` steps, the rest ``E``; the paper's
+        systems-heterogeneity experiments), or another :class:`~fedjax_lab.kit.BudgetSampler`.
       aggregator: how client deltas are combined (default weighted mean).
       unroll: ``lax.scan`` unroll of the local steps.
       skip_empty_steps: see :func:`fedjax_lab.client.local_loop`.
@@ -57,6 +59,9 @@ def fed_prox(
       >>> import jax.numpy as jnp, fedjax_lab as fl
       >>> alg = fl.algorithms.fed_prox(lambda p, b, k: jnp.sum(p ** 2), mu=0.1)
       >>> alg.name
+      'fedprox'
+      >>> stragglers = fl.kit.straggler_budget(0.5, 20)  # half the cohort does U{1..20} steps
+      >>> fl.algorithms.fed_prox(lambda p, b, k: jnp.sum(p ** 2), max_local_steps=stragglers).name
       'fedprox'
     """
     return fed_opt_core(
