@@ -101,6 +101,7 @@ _MODELS = {
     "mlp": models_lib.mlp,
     "cnn": models_lib.cnn,
     "char_lstm": models_lib.char_lstm,
+    "char_transformer": models_lib.char_transformer,
     "resnet": models_lib.resnet,
     "word_lstm": models_lib.word_lstm,
 }
@@ -1043,6 +1044,8 @@ def build(config: dict[str, Any]) -> Experiment:
     if text is not None:
         vocab_size, pad_id = text
         model_cfg.setdefault("vocab_size", vocab_size)
+        if "max_len" in _factory_params(_MODELS[name]):  # learned positions: the window length
+            model_cfg.setdefault("max_len", int(train.examples["x"].shape[1]))
     else:
         input_shape = tuple(train.examples["x"].shape[1:])
         num_classes = int(max(np.max(train.examples["y"]), np.max(test.examples["y"]))) + 1
@@ -1246,7 +1249,8 @@ def reference(algorithm: str | None = None) -> str:
         out += ["    " + k for k in keys]
     out += ["", "[model]",
             f"  name: str = {DEFAULT_CONFIG['model']['name']!r}; allowed: {_allowed(_MODELS)}",
-            "  (input_shape, num_classes, vocab_size: inferred from the data when not set)"]
+            "  (input_shape, num_classes, vocab_size, max_len: inferred from the data when not "
+            "set)"]
     for name in sorted(_MODELS):
         out.append(f"  name = {name!r}:")
         out += ["    " + line for line in _factory_lines(_MODELS[name])]

@@ -26,6 +26,11 @@ SMALL = {
         lambda **kw: fl.models.char_lstm(5, 2, 4, 1, **kw),
         jnp.array([[1, 2, 3], [4, 0, 1]], jnp.int32),
     ),
+    "char_transformer": (
+        lambda **kw: fl.models.char_transformer(5, 3, d_model=4, num_heads=2, num_layers=1,
+                                                mlp_dim=8, **kw),
+        jnp.array([[1, 2, 3], [4, 0, 1]], jnp.int32),
+    ),
 }
 
 

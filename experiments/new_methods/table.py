@@ -77,7 +77,22 @@ def run_row(name: str, runs: Path, rounds: int | None) -> dict[str, Any]:
     (summary,) = result["runs"].values()
     row = {"name": name, "task": ROWS[name], "title": cfg["name"], "rounds": summary["rounds"]}
     row.update({k: summary[k] for k in _FIELDS if summary.get(k) is not None})
+    (spec,) = cfg["algorithms"]
+    if ROWS[name] == "shakespeare":
+        row.update(uplink_bits(cfg, spec))
     return row
+
+
+def uplink_bits(cfg: dict[str, Any], spec: dict[str, Any]) -> dict[str, int]:
+    """What one client sends a round: the adapters for ``fedlora``, else the whole model (32
+    bits a float, :func:`fedjax_lab.algorithms.lora_uplink_bits`)."""
+    model = fl.experiment.build({**cfg, "algorithms": [{"name": "fedavg"}]}).model
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    bits = fl.algorithms.lora_uplink_bits(params, rank=spec.get("rank", 4),
+                                          target=spec.get("target"))
+    sent = bits["lora_bits"] if spec["name"] == "fedlora" else bits["full_bits"]
+    return {"uplink_bits_per_client": int(sent),
+            "full_uplink_bits_per_client": int(bits["full_bits"])}
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
@@ -87,9 +102,9 @@ def _cell(row: dict[str, Any], key: str) -> str:
 def _note(row: dict[str, Any]) -> str:
     if "epsilon" in row:
         return f"ε = {row['epsilon']:.3g} (δ = 1e-3)"
-    if "uplink_bits_per_client" in row and "full_uplink_bits_per_client" in row:
-        ratio = row["full_uplink_bits_per_client"] / row["uplink_bits_per_client"]
-        return f"uplink {row['uplink_bits_per_client']:,} bits/client/round ({ratio:.0f}× less)"
+    if "uplink_bits_per_client" in row:
+        ratio = row["uplink_bits_per_client"] / row["full_uplink_bits_per_client"]
+        return f"uplink {row['uplink_bits_per_client']:,} bits/client/round ({ratio:.1%} of full)"
     return ""
 
 

@@ -17,6 +17,8 @@ label skew             ``fedbabu`` (body only, head frozen; fine-tune to persona
 participation          ``fedau``, ``feddisco``, ``fedbuff``
 personalisation        ``ditto``, ``pfedme``, ``fedrep``, ``fedper``, ``perfedavg``, ``apfl``,
                        ``lg_fedavg``, ``fedbn`` (BatchNorm layers kept local)
+parameter-efficient    ``fedlora`` (FedIT / FedEx-LoRA: low-rank adapters over a frozen base)
+fine-tuning
 clustering             ``ifca``
 fairness               ``qffl``
 privacy, robustness,   ``dp_fedavg``, ``robust_fedavg``, ``fedavg_topk``, ``fedavg_qsgd`` (FedAvg
@@ -53,6 +55,7 @@ from fedjax_lab.algorithms.fedbuff import fed_buff
 from fedjax_lab.algorithms.feddisco import fed_disco
 from fedjax_lab.algorithms.feddyn import fed_dyn
 from fedjax_lab.algorithms.fedlc import fed_lc
+from fedjax_lab.algorithms.fedlora import AGGREGATIONS, LoRAState, fed_lora, lora_uplink_bits
 from fedjax_lab.algorithms.fednova import fed_nova
 from fedjax_lab.algorithms.fedprox import fed_prox
 from fedjax_lab.algorithms.fedsam import fed_sam
@@ -67,7 +70,9 @@ from fedjax_lab.algorithms.qffl import q_fedavg
 from fedjax_lab.algorithms.scaffold import scaffold
 
 __all__ = [
+    "AGGREGATIONS",
     "REGISTRY",
+    "LoRAState",
     "FTRLServerState",
     "apfl",
     "batch_norm_mask",
@@ -88,6 +93,7 @@ __all__ = [
     "fed_disco",
     "fed_dyn",
     "fed_lc",
+    "fed_lora",
     "fed_nova",
     "fed_opt",
     "fed_per",
@@ -97,6 +103,7 @@ __all__ = [
     "fed_yogi",
     "ifca",
     "lg_fed_avg",
+    "lora_uplink_bits",
     "mime",
     "mime_lite",
     "moon",

@@ -1,4 +1,5 @@
-"""Models as pure ``(init, apply)`` pairs: Flax adapters, the benchmark zoo, losses, convolutions.
+"""Models as pure ``(init, apply)`` pairs: Flax adapters, the benchmark zoo, losses, convolutions,
+low-rank adapters (LoRA).
 
 A :class:`Model` is ``init(key) -> params`` and ``apply(params, x, *, key=None, train=False)``
 for ONE batch ``x`` ``[B, ...]``; the engine sees only the params pytree. A model with BatchNorm
@@ -26,11 +27,13 @@ from fedjax_lab.models._core import (
     from_flax,
     from_nnx,
 )
+from fedjax_lab.models.lora import lora_init, lora_mask, lora_merge, lora_model, lora_scale
 from fedjax_lab.models.text import word_lstm
 from fedjax_lab.models.zoo import (
     COMPUTE_DTYPES,
     Conv2D,
     char_lstm,
+    char_transformer,
     cnn,
     compute_dtype,
     logistic_regression,
@@ -46,6 +49,7 @@ __all__ = [
     "Model",
     "ModelSpec",
     "char_lstm",
+    "char_transformer",
     "check_data",
     "classification_loss",
     "classification_metrics",
@@ -55,6 +59,11 @@ __all__ = [
     "from_flax",
     "from_nnx",
     "logistic_regression",
+    "lora_init",
+    "lora_mask",
+    "lora_merge",
+    "lora_model",
+    "lora_scale",
     "mlp",
     "num_params",
     "resnet",

@@ -425,6 +425,148 @@ def char_lstm(
     return from_flax(module, jnp.zeros((1, 2), jnp.int32), spec=spec)
 
 
+class _CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with 2-D ``query``/``key``/``value``/``out`` kernels."""
+
+    num_heads: int
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        b, t, d = h.shape
+        dh = d // self.num_heads
+
+        def heads(name):  # [B, T, d] -> [B, heads, T, dh]
+            y = nn.Dense(d, dtype=self.dtype, name=name)(h)
+            return y.reshape(b, t, self.num_heads, dh).transpose(0, 2, 1, 3)
+
+        q, k, v = heads("query"), heads("key"), heads("value")
+        logits = jnp.einsum("bhqc,bhkc->bhqk", q, k).astype(jnp.float32) / math.sqrt(dh)
+        causal = jnp.tril(jnp.ones((1, 1, t, t), bool))  # position i sees positions <= i
+        weights = jax.nn.softmax(jnp.where(causal, logits, -1e30), axis=-1).astype(v.dtype)
+        y = jnp.einsum("bhqk,bhkc->bhqc", weights, v).transpose(0, 2, 1, 3).reshape(b, t, d)
+        return nn.Dense(d, dtype=self.dtype, name="out")(y)
+
+
+class _TransformerBlock(nn.Module):
+    num_heads: int
+    mlp_dim: int
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        d = h.shape[-1]
+        y = nn.LayerNorm(dtype=self.dtype, name="ln_1")(h)
+        h = h + _CausalSelfAttention(self.num_heads, self.dtype, name="attention")(y)
+        y = nn.LayerNorm(dtype=self.dtype, name="ln_2")(h)
+        y = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="dense_in")(y))
+        return h + nn.Dense(d, dtype=self.dtype, name="dense_out")(y)
+
+
+class _CharTransformer(nn.Module):
+    vocab_size: int
+    max_len: int
+    d_model: int
+    num_heads: int
+    num_layers: int
+    mlp_dim: int
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        t = x.shape[-1]
+        if t > self.max_len:
+            raise ValueError(
+                f"x: sequences of {t} tokens, but the model has max_len={self.max_len} learned "
+                f"positions; build it with max_len >= {t}."
+            )
+        init = nn.initializers.normal(0.02)
+        h = nn.Embed(self.vocab_size, self.d_model, embedding_init=init, dtype=self.dtype,
+                     name="embed")(x.astype(jnp.int32))
+        pos = self.param("pos_embed", init, (self.max_len, self.d_model))
+        h = h + pos[None, :t].astype(h.dtype)
+        for i in range(self.num_layers):
+            block = _TransformerBlock(self.num_heads, self.mlp_dim, self.dtype, name=f"block_{i}")
+            h = block(h)
+        h = nn.LayerNorm(dtype=self.dtype, name="ln_f")(h)
+        return _f32(nn.Dense(self.vocab_size, dtype=self.dtype, name="head")(h))
+
+
+def char_transformer(
+    vocab_size: int = 90,
+    max_len: int = 80,
+    d_model: int = 64,
+    num_heads: int = 4,
+    num_layers: int = 2,
+    mlp_dim: int = 256,
+    *,
+    dtype: str = "float32",
+) -> Model:
+    """A small causal (GPT-style) character transformer, same contract as :func:`char_lstm`.
+
+    ``embedding(vocab, d_model) + learned positions[max_len]``, then ``num_layers`` pre-LN
+    blocks ``h <- h + Attn(LN(h))``, ``h <- h + MLP(LN(h))`` (``MLP = dense_out(gelu(
+    dense_in(.)))``, hidden ``mlp_dim``), a final LayerNorm and ``dense(vocab)`` at every
+    position. Attention is causal: position ``i`` attends to positions ``<= i`` only, so the
+    logits at ``i`` depend on ``x[:i+1]`` alone and the model predicts the next token at
+    every position (``y[t] = x[t+1]``, the Shakespeare windows' layout). Padding only ever
+    follows the real tokens of a window, so a real position never attends to it; use
+    ``classification_loss(model, pad_id=0)`` so padded targets do not count.
+
+    The Dense layers are named for targeting (``fl.models.lora_mask``):
+    ``block_<i>/attention/{query,key,value,out}``, ``block_<i>/{dense_in,dense_out}``,
+    ``head``; every kernel is 2-D ``[d_in, d_out]``. Embeddings are ``N(0, 0.02²)``.
+
+    Args:
+      vocab_size: number of symbols (input ids and output classes).
+      max_len: number of learned positions: the longest sequence the model reads.
+      d_model: width of the residual stream (a multiple of ``num_heads``).
+      num_heads: attention heads (each ``d_model / num_heads`` wide).
+      num_layers: transformer blocks.
+      mlp_dim: hidden width of each block's MLP.
+      dtype: compute dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (mixed precision:
+        params stay float32, attention logits and softmax in float32, see
+        :func:`fedjax_lab.models.compute_dtype`).
+
+    Returns:
+      A :class:`Model`; ``apply`` maps ``int[B, T]`` (``T <= max_len``) to logits
+      ``[B, T, vocab_size]``.
+
+    References:
+      Vaswani et al., "Attention Is All You Need", NeurIPS 2017; Radford et al., "Language
+      Models are Unsupervised Multitask Learners" (GPT-2, pre-LN blocks), 2019.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = char_transformer(vocab_size=7, max_len=5, d_model=8, num_heads=2,
+      ...                          num_layers=1, mlp_dim=16)
+      >>> params = model.init(jax.random.key(0))
+      >>> model.apply(params, jnp.zeros((3, 5), jnp.int32)).shape
+      (3, 5, 7)
+      >>> params["block_0"]["attention"]["query"]["kernel"].shape
+      (8, 8)
+    """
+    d_model = _check_positive(d_model, "d_model")
+    num_heads = _check_positive(num_heads, "num_heads")
+    if d_model % num_heads:
+        raise ValueError(
+            f"num_heads: must divide d_model={d_model} (each head is d_model / num_heads "
+            f"wide), got {num_heads}."
+        )
+    module = _CharTransformer(
+        vocab_size=_check_positive(vocab_size, "vocab_size"),
+        max_len=_check_positive(max_len, "max_len"),
+        d_model=d_model,
+        num_heads=num_heads,
+        num_layers=_check_positive(num_layers, "num_layers"),
+        mlp_dim=_check_positive(mlp_dim, "mlp_dim"),
+        dtype=compute_dtype(dtype),
+    )
+    v = module.vocab_size
+    spec = ModelSpec(num_classes=v, input_vocab=v, sequence=True)
+    return from_flax(module, jnp.zeros((1, module.max_len), jnp.int32), spec=spec)
+
+
 class _ResBlock(nn.Module):
     features: int
     groups: int
